@@ -1,0 +1,461 @@
+"""The dialogue manager: owns the turn lifecycle and the per-session event stream.
+
+received/queued → routed → running → completed | cancelled | failed | interrupted
+
+Every server event of a session is written to its event log (with the next ``seq``) in the same
+transaction as the state change it reports, then fanned out to the connections watching the
+session. The user message is stored before any model runs; the assistant message is updated as
+text streams, so a crash loses nothing that was acknowledged, and the next start marks what was
+running as ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session, sessionmaker
+
+from assistant import protocol as p
+from assistant.metrics import Metrics
+from assistant.router import SessionState, TurnRequest, UnknownSkill, route
+from assistant.settings import Settings
+from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
+from state import store
+from state.models import ChatSession, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+HISTORY_REPLY_STATUSES = ("completed", "cancelled", "interrupted")
+
+
+class Subscriber(Protocol):
+    def deliver(self, frame: str) -> None:
+        """Queue one serialised server event; never blocks."""
+
+
+class DialogueError(Exception):
+    def __init__(self, code: p.ErrorCode, message: str, *, session_id: str | None = None, turn_id: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.session_id, self.turn_id = code, message, session_id, turn_id
+
+
+@dataclass
+class _Turn:
+    turn_id: str
+    session_id: str
+    reply_id: str
+    position: int
+    text: str
+    attachment_ids: tuple[str, ...]
+    override: str | None
+    cancelled: bool = False
+    run: SkillRun | None = None
+    partial: str = ""  # text streamed so far
+    ttft_ms: float | None = None
+
+
+@dataclass
+class _SessionRunner:
+    queue: deque[_Turn] = field(default_factory=deque)
+    current: _Turn | None = None
+    task: asyncio.Task | None = None
+
+
+def session_info(sess: ChatSession) -> p.SessionInfo:
+    return p.SessionInfo(
+        id=sess.id, title=sess.title, created_at=store.as_iso(sess.created_at), updated_at=store.as_iso(sess.updated_at)
+    )
+
+
+class DialogueManager:
+    def __init__(
+        self, *, settings: Settings, sessions: sessionmaker[Session], skills: dict[str, Skill], metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self._sessions = sessions
+        self.skills = skills
+        self.metrics = metrics
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._runners: dict[str, _SessionRunner] = {}
+        metrics.queued.set_function(lambda: sum(len(r.queue) for r in self._runners.values()))
+        metrics.running.set_function(lambda: sum(1 for r in self._runners.values() if r.current is not None))
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _db(self) -> Iterator[Session]:
+        with self._sessions.begin() as db:
+            yield db
+
+    def _publish(self, session_id: str, event: BaseModel, change: Callable[[Session], None] | None = None) -> int:
+        """Apply ``change``, log ``event`` with the next seq, commit, then fan it out."""
+        frame = ""
+
+        def payload(seq: int) -> str:
+            nonlocal frame
+            event.seq = seq  # type: ignore[attr-defined]
+            frame = p.dump_event(event)
+            return frame
+
+        with self._db() as db:
+            if change is not None:
+                change(db)
+            seq = store.append_event(db, session_id=session_id, event_type=event.type, payload_for_seq=payload)  # type: ignore[attr-defined]
+        for sub in list(self._subscribers.get(session_id, ())):
+            sub.deliver(frame)
+        return seq
+
+    def _owned(self, db: Session, user_id: str, session_id: str) -> ChatSession:
+        sess = store.get_session(db, session_id=session_id, user_id=user_id)
+        if sess is None:
+            raise DialogueError(
+                p.ErrorCode.session_not_found, f"no session {session_id!r} for this user", session_id=session_id
+            )
+        return sess
+
+    def subscribe(self, session_id: str, sub: Subscriber) -> None:
+        self._subscribers.setdefault(session_id, set()).add(sub)
+
+    def detach(self, sub: Subscriber) -> None:
+        for sid in list(self._subscribers):
+            subs = self._subscribers[sid]
+            subs.discard(sub)
+            if not subs:
+                del self._subscribers[sid]
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(self, *, user_id: str, title: str | None, sub: Subscriber | None, event_id: str | None) -> str:
+        with self._db() as db:
+            sess = store.create_session(db, user_id=user_id, title=title)
+            info = session_info(sess)
+        if sub is not None:
+            self.subscribe(sess.id, sub)
+        self._publish(sess.id, p.SessionCreated(session_id=sess.id, session=info, event_id=event_id))
+        return sess.id
+
+    def resume(self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None) -> None:
+        """Replay the log after ``last_seq`` and watch the session. Runs without awaiting, so no live
+        event can slip between the replay and the subscription."""
+        with self._db() as db:
+            sess = self._owned(db, user_id, session_id)
+            missed = store.events_after(db, session_id=session_id, after_seq=last_seq)
+            current = sess.last_seq
+        for ev in missed:
+            sub.deliver(ev.payload)
+        self.subscribe(session_id, sub)
+        sub.deliver(
+            p.dump_event(
+                p.SessionResumed(session_id=session_id, last_seq=current, replayed=len(missed), event_id=event_id)
+            )
+        )
+
+    async def delete_session(self, *, user_id: str, session_id: str) -> bool:
+        with self._db() as db:
+            if store.get_session(db, session_id=session_id, user_id=user_id) is None:
+                return False
+        runner = self._runners.pop(session_id, None)
+        if runner is not None:
+            for turn in [*runner.queue, *([runner.current] if runner.current else [])]:
+                turn.cancelled = True
+                if turn.run is not None:
+                    turn.run.cancel()
+            if runner.task is not None:
+                runner.task.cancel()
+                await asyncio.gather(runner.task, return_exceptions=True)
+        with self._db() as db:
+            sess = store.get_session(db, session_id=session_id, user_id=user_id)
+            if sess is not None:
+                store.delete_session(db, session=sess)
+        self._subscribers.pop(session_id, None)
+        return True
+
+    # ------------------------------------------------------------------ turns
+
+    def create_turn(self, *, user_id: str, event: p.TurnCreate, sub: Subscriber | None) -> str:
+        text = event.text
+        if len(text) > self.settings.max_text_chars:
+            raise DialogueError(
+                p.ErrorCode.text_too_long,
+                f"text is {len(text)} characters; the limit is {self.settings.max_text_chars}",
+                session_id=event.session_id,
+            )
+        if not text.strip() and not event.attachment_ids:
+            raise DialogueError(p.ErrorCode.empty_turn, "a turn needs text or an attachment", session_id=event.session_id)
+        if event.skill is not None and event.skill not in self.skills:
+            raise DialogueError(
+                p.ErrorCode.skill_unknown,
+                f"unknown skill {event.skill!r}; available: {', '.join(sorted(self.skills))}",
+                session_id=event.session_id,
+            )
+        runner = self._runners.get(event.session_id)
+        waiting = len(runner.queue) + (1 if runner and runner.current else 0) if runner else 0
+        with self._db() as db:
+            sess = self._owned(db, user_id, event.session_id)
+            if runner is not None and len(runner.queue) >= self.settings.max_queued_turns:
+                raise DialogueError(
+                    p.ErrorCode.turn_queue_full,
+                    f"{len(runner.queue)} turns are already waiting in this session; wait or cancel one",
+                    session_id=sess.id,
+                )
+            turn_id = new_id()
+            status = p.TurnStatus.queued if waiting else p.TurnStatus.received
+            user_msg, reply = store.add_turn(
+                db,
+                session=sess,
+                turn_id=turn_id,
+                text=text,
+                attachment_ids=list(event.attachment_ids),
+                status=status.value,
+                skill_override=event.skill,
+            )
+            turn = _Turn(turn_id, sess.id, reply.id, user_msg.position, text, tuple(event.attachment_ids), event.skill)
+        if sub is not None:
+            self.subscribe(turn.session_id, sub)
+        self._publish(
+            turn.session_id,
+            p.TurnCreated(
+                session_id=turn.session_id,
+                turn_id=turn_id,
+                text=text,
+                attachment_ids=list(turn.attachment_ids),
+                event_id=event.event_id,
+            ),
+        )
+        runner = self._runners.setdefault(turn.session_id, _SessionRunner())
+        runner.queue.append(turn)
+        if waiting:
+            self._publish(
+                turn.session_id,
+                p.TurnQueued(session_id=turn.session_id, turn_id=turn_id, position=len(runner.queue)),
+            )
+        if runner.task is None or runner.task.done():
+            runner.task = asyncio.get_running_loop().create_task(self._drain(turn.session_id, runner))
+        return turn_id
+
+    def cancel(self, *, user_id: str, event: p.ResponseCancel) -> None:
+        with self._db() as db:
+            self._owned(db, user_id, event.session_id)
+        runner = self._runners.get(event.session_id)
+        if runner is not None and runner.current is not None and runner.current.turn_id == event.turn_id:
+            turn = runner.current
+            turn.cancelled = True
+            if turn.run is not None:
+                turn.run.cancel()
+            return
+        queued = next((t for t in (runner.queue if runner else ()) if t.turn_id == event.turn_id), None)
+        if queued is None:
+            raise DialogueError(
+                p.ErrorCode.turn_not_found,
+                f"turn {event.turn_id!r} is not running or queued in this session",
+                session_id=event.session_id,
+                turn_id=event.turn_id,
+            )
+        runner.queue.remove(queued)  # type: ignore[union-attr]
+        self._finish(queued, p.TurnStatus.cancelled, text="", skill=None, usage=p.Usage())
+
+    async def _drain(self, session_id: str, runner: _SessionRunner) -> None:
+        try:
+            while runner.queue:
+                turn = runner.queue.popleft()
+                runner.current = turn
+                try:
+                    await self._run_turn(turn)
+                finally:
+                    runner.current = None
+        finally:
+            if self._runners.get(session_id) is runner and not runner.queue:
+                del self._runners[session_id]
+
+    def _session_state(self, db: Session, turn: _Turn) -> tuple[SessionState, list[HistoryItem]]:
+        msgs = store.history(db, session_id=turn.session_id, before_position=turn.position)
+        items: list[HistoryItem] = []
+        last_skill = None
+        for m in msgs:
+            if m.role == "user":
+                items.append(HistoryItem("user", m.text))
+            elif m.status in HISTORY_REPLY_STATUSES and m.text:
+                items.append(HistoryItem("assistant", m.text))
+            if m.role == "assistant" and m.skill:
+                last_skill = m.skill
+        # A user message whose reply failed has no answer; keep user/assistant alternating.
+        merged: list[HistoryItem] = []
+        for it in items:
+            if merged and merged[-1].role == it.role == "user":
+                merged[-1] = it
+            else:
+                merged.append(it)
+        return SessionState(last_skill=last_skill), merged
+
+    async def _run_turn(self, turn: _Turn) -> None:
+        started = time.monotonic()
+        skill_name, usage, error = None, p.Usage(), None
+        status = p.TurnStatus.completed
+        try:
+            with self._db() as db:
+                state, history = self._session_state(db, turn)
+            try:
+                decision = route(
+                    TurnRequest(turn.text, turn.attachment_ids, turn.override), state, frozenset(self.skills)
+                )
+            except UnknownSkill as exc:  # the skill was removed since the turn was queued
+                raise SkillError("skill_unknown", f"unknown skill {exc}") from None
+            skill_name = decision.skill
+            self._publish(
+                turn.session_id,
+                p.TurnRouted(
+                    session_id=turn.session_id,
+                    turn_id=turn.turn_id,
+                    skill=decision.skill,
+                    confidence=decision.confidence,
+                    reason=decision.reason,
+                    overridden=decision.overridden,
+                ),
+                lambda db: store.update_reply(
+                    db,
+                    message_id=turn.reply_id,
+                    status=p.TurnStatus.routed.value,
+                    skill=decision.skill,
+                    route_confidence=decision.confidence,
+                    route_reason=decision.reason,
+                ),
+            )
+            if not turn.cancelled:
+                with self._db() as db:
+                    store.update_reply(
+                        db, message_id=turn.reply_id, status=p.TurnStatus.running.value, started_at=utcnow()
+                    )
+                request = SkillRequest(
+                    turn.session_id, turn.turn_id, decision.text or turn.text, tuple(history), turn.attachment_ids
+                )
+                run = turn.run = await self.skills[decision.skill].run(request)
+                if turn.cancelled:
+                    run.cancel()
+                await self._stream(turn, run, decision.skill, started)
+                usage = p.Usage(
+                    prompt_tokens=run.usage.prompt_tokens,
+                    completion_tokens=run.usage.completion_tokens,
+                    time_to_first_token_ms=turn.ttft_ms,
+                )
+            if turn.cancelled:
+                status = p.TurnStatus.cancelled
+        except SkillError as exc:
+            status, error = p.TurnStatus.failed, p.ErrorBody(code=p.ErrorCode(exc.code), message=exc.message)
+        except asyncio.CancelledError:
+            if turn.run is not None:
+                turn.run.cancel()
+            status = p.TurnStatus.cancelled if turn.cancelled else p.TurnStatus.interrupted
+            self._finish(turn, status, text=turn.partial, skill=skill_name, usage=usage)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one boundary per turn: log, fail the turn, keep serving
+            log.exception("turn %s failed", turn.turn_id)
+            status = p.TurnStatus.failed
+            error = p.ErrorBody(code=p.ErrorCode.internal_error, message=f"internal error: {type(exc).__name__}")
+        usage.duration_ms = round((time.monotonic() - started) * 1000, 2)
+        self._finish(turn, status, text=turn.partial, skill=skill_name, usage=usage, error=error)
+
+    async def _stream(self, turn: _Turn, run: SkillRun, skill: str, started: float) -> None:
+        """Forward deltas as coalesced frames; the reply text in the DB grows with each frame."""
+        text, pending, last_flush, first = "", "", 0.0, True
+        interval = self.settings.delta_flush_interval
+
+        def flush() -> None:
+            nonlocal pending, last_flush
+            chunk, pending, last_flush = pending, "", time.monotonic()
+            snapshot = text
+            self._publish(
+                turn.session_id,
+                p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk),
+                lambda db: store.update_reply(db, message_id=turn.reply_id, text=snapshot),
+            )
+
+        async for delta in run:
+            if turn.cancelled:
+                break
+            if first:
+                first = False
+                ttft = time.monotonic() - started
+                turn.ttft_ms = round(ttft * 1000, 2)
+                self.metrics.ttft.labels(skill).observe(ttft)
+                with self._db() as db:
+                    store.update_reply(db, message_id=turn.reply_id, first_token_at=utcnow())
+            text += delta
+            turn.partial = text
+            pending += delta
+            if time.monotonic() - last_flush >= interval:
+                flush()
+        if pending:
+            flush()
+
+    def _finish(
+        self,
+        turn: _Turn,
+        status: p.TurnStatus,
+        *,
+        text: str,
+        skill: str | None,
+        usage: p.Usage,
+        error: p.ErrorBody | None = None,
+    ) -> None:
+        self.metrics.turns.labels(skill or "none", status.value).inc()
+        if usage.completion_tokens and skill:
+            self.metrics.tokens.labels(skill).inc(usage.completion_tokens)
+        if usage.duration_ms is not None and skill:
+            self.metrics.turn_seconds.labels(skill).observe(usage.duration_ms / 1000)
+        self._publish(
+            turn.session_id,
+            p.ResponseDone(
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+                status=status.value,
+                text=text,
+                skill=skill,
+                usage=usage,
+                error=error,
+            ),
+            lambda db: store.update_reply(
+                db,
+                message_id=turn.reply_id,
+                status=status.value,
+                text=text,
+                finished_at=utcnow(),
+                error_code=error.code.value if error else None,
+                prompt_tokens=usage.prompt_tokens or None,
+                completion_tokens=usage.completion_tokens or None,
+            ),
+        )
+
+    # ------------------------------------------------------------------ start-up and shut-down
+
+    def recover(self) -> int:
+        """Mark turns left unfinished by a crash as ``interrupted`` (logged, so resuming clients see it)."""
+        with self._db() as db:
+            stale = [(m.session_id, m.turn_id, m.id, m.text) for m in store.unfinished_replies(db)]
+        for session_id, turn_id, reply_id, text in stale:
+            self._publish(
+                session_id,
+                p.ResponseDone(session_id=session_id, turn_id=turn_id, status="interrupted", text=text),
+                lambda db, rid=reply_id: store.update_reply(
+                    db, message_id=rid, status=p.TurnStatus.interrupted.value, finished_at=utcnow()
+                ),
+            )
+        return len(stale)
+
+    async def shutdown(self) -> None:
+        tasks = [r.task for r in self._runners.values() if r.task is not None and not r.task.done()]
+        for r in self._runners.values():
+            for turn in list(r.queue):
+                self._finish(turn, p.TurnStatus.interrupted, text="", skill=None, usage=p.Usage())
+            r.queue.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._runners.clear()

@@ -1,0 +1,29 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("assistant_ws_connections", "Open websocket connections", registry=r)
+        self.turns = Counter("assistant_turns_total", "Finished turns", ["skill", "status"], registry=r)
+        self.errors = Counter("assistant_errors_total", "Error events sent to clients", ["code"], registry=r)
+        self.tokens = Counter("assistant_generated_tokens_total", "Tokens generated", ["skill"], registry=r)
+        self.frames = Counter("assistant_frames_sent_total", "Websocket frames sent", registry=r)
+        self.ttft = Histogram(
+            "assistant_time_to_first_token_seconds",
+            "Time from turn start to first streamed text",
+            ["skill"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.turn_seconds = Histogram(
+            "assistant_turn_duration_seconds", "Turn duration", ["skill"], registry=r
+        )
+        self.running = Gauge("assistant_running_turns", "Turns running now", registry=r)
+        self.queued = Gauge("assistant_queued_turns", "Turns waiting behind another in their session", registry=r)
+        self.skill_ready = Gauge("assistant_skill_ready", "1 when the skill can serve", ["skill"], registry=r)

@@ -1,0 +1,299 @@
+"""Every event that crosses the websocket, as pydantic models.
+
+Client events are parsed with ``parse_client_event``; server events are built from the models below
+and serialised with ``dump_event``. Nothing else is sent or received. The AsyncAPI document
+(``assistant.asyncapi``) is generated from these models.
+
+Envelope: ``type`` (dotted resource.verb), a client-chosen ``event_id`` echoed in replies and
+errors, a server ``seq`` (monotonic per session, for resume), ``session_id`` and ``turn_id``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = "1.0"
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- client events
+
+
+class _ClientEvent(_Event):
+    event_id: str | None = Field(default=None, max_length=128, description="Chosen by the client, echoed back.")
+
+
+class SessionCreate(_ClientEvent):
+    """Start a new session; answered by ``session.created``."""
+
+    type: Literal["session.create"] = "session.create"
+    title: str | None = Field(default=None, max_length=200)
+
+
+class SessionResume(_ClientEvent):
+    """Attach to an existing session; the server replays every event with ``seq > last_seq``,
+    then answers ``session.resumed`` and streams live events."""
+
+    type: Literal["session.resume"] = "session.resume"
+    session_id: str = Field(max_length=64)
+    last_seq: int = Field(default=0, ge=0)
+
+
+class TurnCreate(_ClientEvent):
+    """A user turn. Answered by ``turn.created`` (and ``turn.queued`` when the session is busy),
+    then ``turn.routed``, ``response.delta``* and ``response.done``."""
+
+    type: Literal["turn.create"] = "turn.create"
+    session_id: str = Field(max_length=64)
+    text: str = ""
+    attachment_ids: list[str] = Field(default_factory=list, max_length=16)
+    skill: str | None = Field(default=None, max_length=32, description="Override the router: run this skill.")
+
+
+class ResponseCancel(_ClientEvent):
+    """Stop a running or queued turn; answered by ``response.done`` with status ``cancelled``."""
+
+    type: Literal["response.cancel"] = "response.cancel"
+    session_id: str = Field(max_length=64)
+    turn_id: str = Field(max_length=64)
+
+
+class Ping(_ClientEvent):
+    type: Literal["ping"] = "ping"
+
+
+ClientEvent = Annotated[
+    Union[SessionCreate, SessionResume, TurnCreate, ResponseCancel, Ping],
+    Field(discriminator="type"),
+]
+CLIENT_EVENT_TYPES = ("session.create", "session.resume", "turn.create", "response.cancel", "ping")
+
+# ----------------------------------------------------------------------------- server events
+
+
+class TurnStatus(StrEnum):
+    """Lifecycle of a turn (stored on its assistant message)."""
+
+    received = "received"
+    queued = "queued"
+    routed = "routed"
+    running = "running"
+    completed = "completed"
+    cancelled = "cancelled"
+    failed = "failed"
+    interrupted = "interrupted"
+
+
+FINAL_STATUSES = frozenset({TurnStatus.completed, TurnStatus.cancelled, TurnStatus.failed, TurnStatus.interrupted})
+
+
+class _ServerEvent(_Event):
+    event_id: str | None = Field(default=None, description="The client's event_id this answers, if any.")
+    seq: int | None = Field(default=None, description="Per-session sequence number; absent on connection events.")
+
+
+class SkillState(BaseModel):
+    name: str
+    ready: bool
+    state: Literal["loading", "ready", "unavailable", "disabled"]
+    detail: str | None = None
+
+
+class ServerHello(_ServerEvent):
+    """First event on every connection: the protocol version and what the server can do."""
+
+    type: Literal["server.hello"] = "server.hello"
+    protocol_version: str = PROTOCOL_VERSION
+    server_version: str
+    user: str
+    skills: list[SkillState]
+    limits: dict[str, int]
+
+
+class SessionInfo(BaseModel):
+    id: str
+    title: str
+    created_at: str
+    updated_at: str
+
+
+class SessionCreated(_ServerEvent):
+    type: Literal["session.created"] = "session.created"
+    session_id: str
+    session: SessionInfo
+
+
+class SessionResumed(_ServerEvent):
+    """Sent after the replay: ``last_seq`` is the newest seq the client now has."""
+
+    type: Literal["session.resumed"] = "session.resumed"
+    session_id: str
+    last_seq: int
+    replayed: int
+
+
+class TurnCreated(_ServerEvent):
+    type: Literal["turn.created"] = "turn.created"
+    session_id: str
+    turn_id: str
+    text: str
+    attachment_ids: list[str] = Field(default_factory=list)
+
+
+class TurnQueued(_ServerEvent):
+    """The session already has a turn running; this one waits at ``position`` (1 = next)."""
+
+    type: Literal["turn.queued"] = "turn.queued"
+    session_id: str
+    turn_id: str
+    position: int
+
+
+class TurnRouted(_ServerEvent):
+    """The router's decision for the turn: which skill, how sure, and why."""
+
+    type: Literal["turn.routed"] = "turn.routed"
+    session_id: str
+    turn_id: str
+    skill: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    reason: str
+    overridden: bool = False
+
+
+class ResponseDelta(_ServerEvent):
+    type: Literal["response.delta"] = "response.delta"
+    session_id: str
+    turn_id: str
+    delta: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_ms: float | None = None
+    duration_ms: float | None = None
+
+
+class ResponseDone(_ServerEvent):
+    type: Literal["response.done"] = "response.done"
+    session_id: str
+    turn_id: str
+    status: Literal["completed", "cancelled", "failed", "interrupted"]
+    text: str
+    skill: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    error: ErrorBody | None = None
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes. Clients switch on these, never on the message text."""
+
+    unauthorized = "unauthorized"
+    malformed_json = "malformed_json"
+    binary_not_expected = "binary_not_expected"
+    unknown_event = "unknown_event"
+    invalid_event = "invalid_event"
+    frame_too_large = "frame_too_large"
+    session_not_found = "session_not_found"
+    turn_not_found = "turn_not_found"
+    turn_queue_full = "turn_queue_full"
+    empty_turn = "empty_turn"
+    text_too_long = "text_too_long"
+    skill_unknown = "skill_unknown"
+    skill_unavailable = "skill_unavailable"
+    context_too_long = "context_too_long"
+    generation_failed = "generation_failed"
+    internal_error = "internal_error"
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class Error(_ServerEvent):
+    """Something the client sent could not be done. The connection stays usable unless it is closed
+    right after (``unauthorized``)."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    session_id: str | None = None
+    turn_id: str | None = None
+
+
+class Pong(_ServerEvent):
+    type: Literal["pong"] = "pong"
+
+
+ResponseDone.model_rebuild()
+
+ServerEvent = Annotated[
+    Union[
+        ServerHello,
+        SessionCreated,
+        SessionResumed,
+        TurnCreated,
+        TurnQueued,
+        TurnRouted,
+        ResponseDelta,
+        ResponseDone,
+        Error,
+        Pong,
+    ],
+    Field(discriminator="type"),
+]
+
+_client_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+server_adapter: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be turned into an event; carries the error to send back."""
+
+    def __init__(self, code: ErrorCode, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.event_id = event_id
+
+    def to_event(self) -> Error:
+        return Error(code=self.code, message=self.message, event_id=self.event_id)
+
+
+def parse_client_event(raw: str) -> ClientEvent:
+    """Parse one text frame. Raises ``ProtocolError`` with the right code on any fault."""
+    import json
+
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.malformed_json, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.invalid_event, "an event must be a JSON object")
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    kind = data.get("type")
+    if kind not in CLIENT_EVENT_TYPES:
+        raise ProtocolError(
+            ErrorCode.unknown_event,
+            f"unknown event type {kind!r}; expected one of: {', '.join(CLIENT_EVENT_TYPES)}",
+            event_id,
+        )
+    try:
+        return _client_adapter.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'event'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ProtocolError(ErrorCode.invalid_event, f"invalid {kind}: {problems}", event_id) from None
+
+
+def dump_event(event: BaseModel) -> str:
+    return event.model_dump_json(exclude_none=True)

@@ -1,0 +1,118 @@
+"""The FastAPI app factory: wiring, lifespan, and the small routes (health, metrics, docs, page)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from assistant import __version__
+from assistant.asyncapi import build_asyncapi
+from assistant.dialogue import DialogueManager
+from assistant.metrics import Metrics
+from assistant.protocol import PROTOCOL_VERSION, SkillState
+from assistant.rest import router as rest_router
+from assistant.settings import Settings
+from assistant.ws import websocket_endpoint
+from skills.base import Skill
+from skills.registry import build_skills
+from state import db as state_db
+from state import store
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_owner(app: FastAPI) -> str | None:
+    """On a database with no user, create one and return a fresh token for the login URL."""
+    with app.state.sessions.begin() as db:
+        if store.count_users(db):
+            return None
+        user = store.get_or_create_user(db, name=app.state.settings.bootstrap_user)
+        return store.create_token(db, user=user, label="bootstrap")
+
+
+def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) -> FastAPI:
+    """Build the app. ``skills`` replaces the registry's skills (tests may pass their own)."""
+    engine = state_db.make_engine(settings.database_url)
+    metrics = Metrics()
+    skill_map = skills if skills is not None else build_skills(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await asyncio.to_thread(state_db.upgrade, engine)
+        interrupted = app.state.dialogue.recover()
+        if interrupted:
+            log.warning("marked %d turns interrupted by the last shutdown", interrupted)
+        token = bootstrap_owner(app)
+        if token:
+            url = f"http://{settings.host}:{settings.port}/#token={token}"
+            print(f"\n  First start: created user {settings.bootstrap_user!r}. Open {url}\n", flush=True)
+        loaders = [asyncio.create_task(s.start()) for s in skill_map.values()]
+        try:
+            yield
+        finally:
+            await app.state.dialogue.shutdown()
+            for t in loaders:
+                t.cancel()
+            await asyncio.gather(*loaders, return_exceptions=True)
+            await asyncio.gather(*(s.stop() for s in skill_map.values()), return_exceptions=True)
+            engine.dispose()
+
+    app = FastAPI(title="Assistant", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = state_db.make_session_factory(engine)
+    app.state.metrics = metrics
+    app.state.skills = skill_map
+    app.state.dialogue = DialogueManager(
+        settings=settings, sessions=app.state.sessions, skills=skill_map, metrics=metrics
+    )
+
+    def skill_states() -> list[SkillState]:
+        out = []
+        for name, skill in skill_map.items():
+            st = skill.status()
+            metrics.skill_ready.labels(name).set(1 if st.state == "ready" else 0)
+            out.append(SkillState(name=name, ready=st.state == "ready", state=st.state, detail=st.detail))
+        return out
+
+    app.state.skill_states = skill_states
+    app.include_router(rest_router)
+    app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> JSONResponse:
+        states = skill_states()
+        ok = all(s.state in ("ready", "disabled") for s in states)
+        body = {
+            "status": "ok" if ok else "degraded",
+            "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "skills": {s.name: s.model_dump(exclude={"name"}) for s in states},
+        }
+        return JSONResponse(body)
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus_metrics() -> Response:
+        skill_states()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/asyncapi.json", tags=["docs"])
+    def asyncapi(request: Request) -> JSONResponse:
+        return JSONResponse(build_asyncapi(request.url.netloc))
+
+    if settings.web_dir.is_dir():
+        app.mount("/web", StaticFiles(directory=settings.web_dir), name="web")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            return FileResponse(settings.web_dir / "index.html")
+
+    return app

@@ -1,0 +1,69 @@
+"""All configuration, in one pydantic-settings class.
+
+Nothing here is read at import time: ``Settings()`` reads the environment (prefix ``ASSISTANT_``)
+when the CLI or a test builds it, and the instance is passed down from ``create_app(settings)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ASSISTANT_", env_file=None, extra="ignore")
+
+    # --- network ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # --- state ---
+    # Any SQLAlchemy URL; SQLite (WAL mode) by default, PostgreSQL works too.
+    database_url: str = "sqlite:///./data/assistant.db"
+    # Run Alembic migrations to head when the app starts.
+    auto_migrate: bool = True
+
+    # --- chat model ---
+    # A hub name or a local folder holding a transformers model and tokenizer with a chat template.
+    chat_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    # "auto" picks cuda when available, else cpu.
+    chat_device: str = "auto"
+    # "auto": bfloat16 on cuda, float32 on cpu.
+    chat_dtype: str = "auto"
+    chat_system_prompt: str = "You are a helpful assistant."
+    # Token budget for the prompt built from the history (oldest turns are dropped first).
+    chat_context_tokens: int = 2048
+    chat_max_new_tokens: int = 512
+    # Sampling; 0 temperature means greedy decoding.
+    chat_temperature: float = 0.0
+    chat_top_p: float = 1.0
+    # Continuous-batching KV cache: number of pages and tokens per page (None = library default).
+    chat_kv_blocks: int | None = None
+    chat_kv_page_size: int = 256
+    chat_max_batch_tokens: int | None = None
+    # Load models at start-up; tests may turn this off to start with no skill.
+    load_models: bool = True
+
+    # --- limits ---
+    max_frame_bytes: int = 64 * 1024
+    max_text_chars: int = 16_000
+    max_queued_turns: int = 4
+    # Outbound events buffered per connection before a slow client is dropped (it can resume).
+    max_outbound_queue: int = 4096
+    # Seconds between coalesced delta frames (0 = send as soon as tokens arrive).
+    delta_flush_interval: float = 0.02
+
+    # --- auth ---
+    # On first start with no user, create one and print a login URL with its token.
+    bootstrap_user: str = "owner"
+
+    # --- web client ---
+    web_dir: Path = Field(default=REPO_ROOT / "web")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,73 @@
+"""The skill interface shared by every skill (chat now; vision and speech plug in the same way)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+SkillStateName = Literal["loading", "ready", "unavailable", "disabled"]
+
+
+class SkillError(Exception):
+    """A turn the skill cannot complete; ``code`` is one of ``assistant.protocol.ErrorCode``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
+class SkillRequest:
+    session_id: str
+    turn_id: str
+    text: str
+    # Earlier messages of the session, oldest first, not including this turn.
+    history: tuple[HistoryItem, ...] = ()
+    attachment_ids: tuple[str, ...] = ()
+
+
+@dataclass
+class SkillUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class SkillRun(Protocol):
+    """One running turn: iterate it for text deltas; ``cancel()`` stops the work and frees its slot."""
+
+    usage: SkillUsage
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass
+class SkillStatus:
+    state: SkillStateName
+    detail: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Skill(Protocol):
+    name: str
+
+    def status(self) -> SkillStatus: ...
+
+    async def start(self) -> None:
+        """Load models (off the event loop). Must not raise: a failure becomes status 'unavailable'."""
+
+    async def stop(self) -> None: ...
+
+    async def wait_ready(self) -> None:
+        """Wait while loading; raise ``SkillError('skill_unavailable', ...)`` if it cannot serve."""
+
+    async def run(self, request: SkillRequest) -> SkillRun: ...

@@ -1,0 +1,167 @@
+"""Chat generation: builds the multi-turn prompt from the history and streams the model's reply."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
+from skills.chat_worker import ChatWorker, ChatWorkerOptions, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# How long a stream may see no output while the generation loop is dead before it fails.
+_WATCHDOG_SECONDS = 1.0
+
+
+def build_prompt(
+    tokenizer: Any, *, system: str | None, history: list[HistoryItem], budget: int
+) -> tuple[list[int], int]:
+    """Apply the chat template to (system, history); drop the oldest messages until the prompt fits
+    ``budget`` tokens. The last message (the new user turn) is always kept. Returns (ids, dropped)."""
+    head = [{"role": "system", "content": system}] if system else []
+    msgs = [{"role": h.role, "content": h.text} for h in history]
+    dropped = 0
+    while True:
+        ids = tokenizer.apply_chat_template(head + msgs, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # BatchEncoding in transformers 5
+            ids = list(ids["input_ids"])
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(msgs) <= 1:
+            raise SkillError(
+                "context_too_long",
+                f"the message needs {len(ids)} prompt tokens but the budget is {budget}; "
+                "send a shorter message or raise ASSISTANT_CHAT_CONTEXT_TOKENS",
+            )
+        # Drop the oldest message; never leave an assistant message first.
+        msgs.pop(0)
+        dropped += 1
+        while len(msgs) > 1 and msgs[0]["role"] == "assistant":
+            msgs.pop(0)
+            dropped += 1
+
+
+class ChatRun:
+    """One streaming generation; iterate for text deltas."""
+
+    def __init__(self, worker: ChatWorker, request_id: str, prompt_ids: list[int]) -> None:
+        self._worker = worker
+        self.request_id = request_id
+        self.usage = SkillUsage(prompt_tokens=len(prompt_ids))
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancelled = False
+        self._tokens: list[int] = []
+        self._sent = ""
+
+    def on_output(self, output: Any) -> None:
+        self._queue.put_nowait(output)
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self._worker.cancel(self.request_id)
+            self._queue.put_nowait(None)
+
+    def _text_delta(self, final: bool) -> str:
+        text = self._worker.tokenizer.decode(self._tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
+            return ""
+        delta, self._sent = text[len(self._sent) :], text
+        return delta
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        finished = False
+        while not finished and not self._cancelled:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout=_WATCHDOG_SECONDS)
+            except TimeoutError:
+                if not self._worker.is_running():
+                    raise SkillError("generation_failed", "the chat generation loop stopped") from None
+                continue
+            # Drain what else has arrived: one frame for many tokens when the loop is busy.
+            items = [item]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            for out in items:
+                if out is None:
+                    continue
+                if out.error:
+                    raise SkillError("generation_failed", f"generation failed: {out.error}")
+                self._tokens = [t for t in out.generated_tokens if t not in self._worker.eos_token_ids]
+                self.usage.completion_tokens = len(out.generated_tokens)
+                finished = finished or out.is_finished()
+            if self._cancelled:
+                break
+            delta = self._text_delta(final=finished)
+            if delta:
+                yield delta
+
+
+class ChatSkill:
+    name = "chat"
+
+    def __init__(
+        self, options: ChatWorkerOptions, *, system_prompt: str | None, context_tokens: int, enabled: bool = True
+    ) -> None:
+        self.worker = ChatWorker(options)
+        self.system_prompt = system_prompt
+        self.context_tokens = context_tokens
+        self._enabled = enabled
+        self._state = "loading" if enabled else "disabled"
+        self._detail: str | None = None
+        self._ready = asyncio.Event()
+
+    def status(self) -> SkillStatus:
+        extra = {"model": self.worker.options.model}
+        return SkillStatus(state=self._state, detail=self._detail, extra=extra)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        if not self._enabled:
+            self._ready.set()
+            return
+        try:
+            await asyncio.to_thread(self.worker.load)
+            self._state = "ready"
+        except ModelLoadError as exc:
+            self._state, self._detail = "unavailable", str(exc)
+            log.error("chat skill unavailable: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving without this skill
+            self._state, self._detail = "unavailable", f"chat model failed to start: {exc}"
+            log.exception("chat skill failed to start")
+        finally:
+            self._ready.set()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.worker.close)
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+        if self._state != "ready":
+            raise SkillError("skill_unavailable", f"the chat skill is {self._state}: {self._detail or 'disabled'}")
+
+    async def run(self, request: SkillRequest) -> ChatRun:
+        await self.wait_ready()
+        history = [*request.history, HistoryItem(role="user", text=request.text)]
+        budget = self.context_tokens
+        if self.worker.max_positions:
+            budget = min(budget, self.worker.max_positions - 1)
+        prompt_ids, dropped = build_prompt(
+            self.worker.tokenizer, system=self.system_prompt, history=history, budget=budget
+        )
+        if dropped:
+            log.info("turn %s: dropped %d oldest messages to fit %d tokens", request.turn_id, dropped, budget)
+        max_new = self.worker.options.max_new_tokens
+        if self.worker.max_positions:
+            max_new = max(1, min(max_new, self.worker.max_positions - len(prompt_ids)))
+        run = ChatRun(self.worker, f"{request.turn_id}-{uuid.uuid4().hex[:8]}", prompt_ids)
+        try:
+            self.worker.submit(
+                request_id=run.request_id, prompt_ids=prompt_ids, max_new_tokens=max_new, on_output=run.on_output
+            )
+        except RuntimeError as exc:
+            raise SkillError("skill_unavailable", str(exc)) from exc
+        return run

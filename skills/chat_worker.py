@@ -1,0 +1,201 @@
+"""The chat inference worker: owns the model and transformers' continuous-batching manager.
+
+Requests from every session go into one ``ContinuousBatchingManager`` (transformers 5), which
+batches them on its own generation thread; outputs come back to the event loop through
+``register_result_handler`` (``call_soon_threadsafe``), so generation never blocks the loop.
+This is the in-process transport; torch is imported only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatWorkerOptions:
+    model: str  # hub name or local folder (transformers model + tokenizer with a chat template)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    kv_blocks: int | None = None  # KV-cache pages (None: library picks from free memory)
+    kv_page_size: int = 256
+    max_batch_tokens: int | None = None
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names the setting to change."""
+
+
+def _resolve_device(torch: Any, device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(torch: Any, dtype: str, device: str) -> Any:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; set ASSISTANT_CHAT_DTYPE to auto, float32, bfloat16 or float16")
+
+
+class ChatWorker:
+    """Loads a causal LM and serves streaming generation requests from many sessions at once."""
+
+    def __init__(self, options: ChatWorkerOptions) -> None:
+        self.options = options
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self._manager: Any = None
+        self._lock = threading.Lock()
+        self.eos_token_ids: list[int] = []
+        self.max_positions: int | None = None
+        # Observability: prompts submitted (decoded, newest last) and the largest batch seen.
+        self.recent_prompts: deque[tuple[str, str]] = deque(maxlen=32)
+        self.max_concurrent_requests = 0
+        self.steps = 0
+
+    # ------------------------------------------------------------------ loading (blocking; run in a thread)
+
+    def load(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+        except ImportError as exc:  # pragma: no cover - the project's install pulls these in
+            raise ModelLoadError(f"torch/transformers are not installed ({exc}); run: pip install -e .") from exc
+
+        opts = self.options
+        device = _resolve_device(torch, opts.device)
+        dtype = _resolve_dtype(torch, opts.dtype, device)
+        looks_local = opts.model.startswith((".", "/", "~")) or Path(opts.model).expanduser().exists()
+        if looks_local and not Path(opts.model).expanduser().is_dir():
+            raise ModelLoadError(
+                f"chat model folder {opts.model!r} does not exist; set ASSISTANT_CHAT_MODEL to a folder holding a "
+                "transformers model and tokenizer, or to a hub name this machine can reach"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(opts.model)
+            model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - every loading failure gets the same advice
+            raise ModelLoadError(
+                f"could not load chat model {opts.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+                "Set ASSISTANT_CHAT_MODEL to a local folder holding a transformers model and tokenizer, "
+                "or to a hub name this machine can reach"
+            ) from exc
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(
+                f"chat model {opts.model!r} has no chat template; set ASSISTANT_CHAT_MODEL to an instruct/chat model"
+            )
+        model = model.to(device).eval()
+
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
+        self.eos_token_ids = eos_ids
+        self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+        sampling = opts.temperature > 0
+        gen_config = GenerationConfig(
+            max_new_tokens=opts.max_new_tokens,
+            do_sample=sampling,
+            temperature=opts.temperature if sampling else None,
+            top_p=opts.top_p if sampling else None,
+            eos_token_id=eos_ids or -1,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
+        )
+        cb_config = ContinuousBatchingConfig(
+            num_blocks=opts.kv_blocks,
+            page_size=opts.kv_page_size,
+            max_batch_tokens=opts.max_batch_tokens,
+            auto_switch_to_flash=device.startswith("cuda"),
+        )
+        manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
+        model.register_forward_pre_hook(self._on_step)
+        manager.start()
+        self.tokenizer, self.model, self._manager = tokenizer, model, manager
+        log.info("chat model %s loaded on %s (%s)", opts.model, device, dtype)
+
+    def _on_step(self, _module: Any, _args: Any) -> None:
+        """Runs on the generation thread before each forward: record how many requests share it."""
+        self.steps += 1
+        manager = self._manager
+        processor = manager.batch_processor if manager is not None else None
+        if processor is not None:
+            n = len(processor.scheduler.active_requests)
+            if n > self.max_concurrent_requests:
+                self.max_concurrent_requests = n
+
+    def close(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            try:
+                manager.stop(block=True, timeout=10)
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the chat generation loop failed")
+
+    # ------------------------------------------------------------------ serving (call on the event loop)
+
+    def is_running(self) -> bool:
+        return self._manager is not None and self._manager.is_running()
+
+    def submit(self, *, request_id: str, prompt_ids: list[int], max_new_tokens: int, on_output: Callable) -> None:
+        """Queue a request; ``on_output(GenerationOutput)`` is called on this event loop for every new token."""
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            raise RuntimeError("the chat generation loop is not running")
+        self.recent_prompts.append((request_id, self.tokenizer.decode(prompt_ids)))
+        manager.register_result_handler(request_id, on_output)
+        accepted = manager.add_request(
+            input_ids=prompt_ids,
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            streaming=True,
+            eos_token_id=self.eos_token_ids or None,
+        )
+        if accepted is None:
+            self._drop_handler(request_id)
+            raise RuntimeError("the chat generation loop refused the request (it is stopping)")
+
+    def cancel(self, request_id: str) -> None:
+        """Stop generating for ``request_id`` and free its KV-cache pages."""
+        manager = self._manager
+        if manager is not None:
+            self._drop_handler(request_id)
+            manager.cancel_request(request_id)
+
+    def _drop_handler(self, request_id: str) -> None:
+        router = self._manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+
+    def active_request_ids(self) -> set[str]:
+        """Requests the scheduler still holds (running or waiting)."""
+        manager = self._manager
+        processor = manager.batch_processor if manager is not None else None
+        if processor is None:
+            return set()
+        sched = processor.scheduler
+        for _ in range(5):
+            try:
+                return set(sched.active_requests) | set(sched.waiting_requests)
+            except RuntimeError:  # dict changed size while the generation thread ran
+                continue
+        return set()
+
+
+def run_in_thread(fn: Callable[[], Any]) -> asyncio.Future:
+    return asyncio.get_running_loop().run_in_executor(None, fn)

@@ -1,0 +1,34 @@
+"""The explicit skill registry: which skills exist and how each is built from settings."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from skills.base import Skill
+
+if TYPE_CHECKING:
+    from assistant.settings import Settings
+
+
+def build_skills(settings: Settings) -> dict[str, Skill]:
+    """Every skill the server offers, by name. Models are not loaded here (see ``Skill.start``)."""
+    from skills.chat import ChatSkill
+    from skills.chat_worker import ChatWorkerOptions
+
+    chat = ChatSkill(
+        ChatWorkerOptions(
+            model=settings.chat_model,
+            device=settings.chat_device,
+            dtype=settings.chat_dtype,
+            max_new_tokens=settings.chat_max_new_tokens,
+            temperature=settings.chat_temperature,
+            top_p=settings.chat_top_p,
+            kv_blocks=settings.chat_kv_blocks,
+            kv_page_size=settings.chat_kv_page_size,
+            max_batch_tokens=settings.chat_max_batch_tokens,
+        ),
+        system_prompt=settings.chat_system_prompt or None,
+        context_tokens=settings.chat_context_tokens,
+        enabled=settings.load_models,
+    )
+    return {chat.name: chat}

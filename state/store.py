@@ -1,0 +1,182 @@
+"""Keyword-only store functions over a SQLAlchemy ``Session``. Callers own the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from state.models import ChatSession, Event, Message, Token, User, utcnow
+
+UNFINISHED = ("received", "queued", "routed", "running")
+
+
+# ----------------------------------------------------------------------------- users and tokens
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def get_or_create_user(db: Session, *, name: str) -> User:
+    user = db.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name)
+        db.add(user)
+        db.flush()
+    return user
+
+
+def count_users(db: Session) -> int:
+    return db.scalar(select(func.count()).select_from(User)) or 0
+
+
+def create_token(db: Session, *, user: User, label: str = "") -> str:
+    """Create a bearer token for ``user``; returns the secret, of which only the hash is kept."""
+    secret = "ast_" + secrets.token_urlsafe(32)
+    db.add(Token(user_id=user.id, token_hash=hash_token(secret), label=label))
+    db.flush()
+    return secret
+
+
+def user_for_token(db: Session, *, token: str) -> User | None:
+    row = db.scalar(select(Token).where(Token.token_hash == hash_token(token), Token.revoked.is_(False)))
+    return db.get(User, row.user_id) if row else None
+
+
+def revoke_tokens(db: Session, *, user: User) -> int:
+    res = db.execute(update(Token).where(Token.user_id == user.id).values(revoked=True))
+    return res.rowcount or 0
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def create_session(db: Session, *, user_id: str, title: str | None = None) -> ChatSession:
+    sess = ChatSession(user_id=user_id, title=title or "New chat")
+    db.add(sess)
+    db.flush()
+    return sess
+
+
+def get_session(db: Session, *, session_id: str, user_id: str) -> ChatSession | None:
+    """The session if it exists and belongs to ``user_id``; otherwise None (no leak of which)."""
+    sess = db.get(ChatSession, session_id)
+    return sess if sess is not None and sess.user_id == user_id else None
+
+
+def list_sessions(db: Session, *, user_id: str, limit: int = 100, offset: int = 0) -> Sequence[ChatSession]:
+    stmt = (
+        select(ChatSession)
+        .where(ChatSession.user_id == user_id)
+        .order_by(ChatSession.updated_at.desc(), ChatSession.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return db.scalars(stmt).all()
+
+
+def rename_session(db: Session, *, session: ChatSession, title: str) -> None:
+    session.title = title
+    session.updated_at = utcnow()
+
+
+def delete_session(db: Session, *, session: ChatSession) -> None:
+    db.execute(delete(Event).where(Event.session_id == session.id))
+    db.execute(delete(Message).where(Message.session_id == session.id))
+    db.delete(session)
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def add_turn(
+    db: Session,
+    *,
+    session: ChatSession,
+    turn_id: str,
+    text: str,
+    attachment_ids: list[str],
+    status: str,
+    skill_override: str | None,
+) -> tuple[Message, Message]:
+    """Store a user message and its (empty) assistant message, which carries the turn's status."""
+    last = db.scalar(select(func.max(Message.position)).where(Message.session_id == session.id))
+    pos = (last if last is not None else -1) + 1
+    user_msg = Message(
+        session_id=session.id,
+        turn_id=turn_id,
+        position=pos,
+        role="user",
+        text=text,
+        status="completed",
+        attachment_ids=list(attachment_ids),
+    )
+    reply = Message(
+        session_id=session.id,
+        turn_id=turn_id,
+        position=pos + 1,
+        role="assistant",
+        text="",
+        status=status,
+        skill_override=skill_override,
+        attachment_ids=[],
+    )
+    db.add_all([user_msg, reply])
+    if session.title == "New chat" and text.strip():
+        session.title = " ".join(text.split())[:60]
+    session.updated_at = utcnow()
+    db.flush()
+    return user_msg, reply
+
+
+def get_reply(db: Session, *, session_id: str, turn_id: str) -> Message | None:
+    return db.scalar(
+        select(Message).where(Message.session_id == session_id, Message.turn_id == turn_id, Message.role == "assistant")
+    )
+
+
+def history(db: Session, *, session_id: str, before_position: int | None = None) -> Sequence[Message]:
+    """Messages in order; with ``before_position``, only those before it."""
+    stmt = select(Message).where(Message.session_id == session_id)
+    if before_position is not None:
+        stmt = stmt.where(Message.position < before_position)
+    return db.scalars(stmt.order_by(Message.position)).all()
+
+
+def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
+    db.execute(update(Message).where(Message.id == message_id).values(**fields))
+
+
+def unfinished_replies(db: Session) -> Sequence[Message]:
+    return db.scalars(select(Message).where(Message.role == "assistant", Message.status.in_(UNFINISHED))).all()
+
+
+# ----------------------------------------------------------------------------- event log
+
+
+def append_event(db: Session, *, session_id: str, event_type: str, payload_for_seq) -> int:  # noqa: ANN001
+    """Give the next seq of ``session_id`` to an event; ``payload_for_seq(seq)`` returns its JSON."""
+    seq = db.scalar(
+        update(ChatSession)
+        .where(ChatSession.id == session_id)
+        .values(last_seq=ChatSession.last_seq + 1)
+        .returning(ChatSession.last_seq)
+    )
+    if seq is None:
+        raise LookupError(f"session {session_id} does not exist")
+    db.add(Event(session_id=session_id, seq=seq, type=event_type, payload=payload_for_seq(seq)))
+    return seq
+
+
+def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Event]:
+    stmt = select(Event).where(Event.session_id == session_id, Event.seq > after_seq).order_by(Event.seq)
+    return db.scalars(stmt).all()
+
+
+def as_iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

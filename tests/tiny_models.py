@@ -1,0 +1,56 @@
+"""Tiny random-weight models and tokenizers, built from configs and saved like real ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A byte-level BPE tokenizer with a ChatML template and a tiny Qwen2 decoder, saved to ``folder``.
+
+    The decoder's weights are random, so it babbles; the EOS token is made unreachable so replies run
+    to ``max_new_tokens``, which makes streaming, batching and cancel observable."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = {"<|pad|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"]
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        # Never pick a special token: keeps the output printable and the length predictable.
+        model.lm_head.weight[:3] = 0
+        model.model.embed_tokens.weight[:3] = 0
+        model.lm_head.bias = None
+    model.save_pretrained(folder)
+    return folder
