@@ -182,6 +182,12 @@ class ChatWorker:
         with router._lock:
             router.result_handlers.pop(request_id, None)
 
+    def kv_free_fraction(self) -> float:
+        """Share of the KV cache that is free (1.0 when no request holds pages)."""
+        manager = self._manager
+        processor = manager.batch_processor if manager is not None else None
+        return 1.0 if processor is None else float(processor.cache.compute_free_capacity(relative=True))
+
     def active_request_ids(self) -> set[str]:
         """Requests the scheduler still holds (running or waiting)."""
         manager = self._manager

@@ -1,0 +1,130 @@
+"""A real conversation over a real websocket: streaming, multi-turn context, persistence, resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.conftest import LiveServer, ws_client
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_three_turns_stream_and_each_prompt_carries_the_earlier_turns(server: LiveServer) -> None:
+    token = server.token("alice")
+    worker = server.app.state.skills["chat"].worker
+
+    async def go() -> tuple[str, list[dict], list[dict]]:
+        async with ws_client(server, token) as c:
+            assert c.hello["type"] == "server.hello" and c.hello["protocol_version"] == "1.0"
+            assert c.hello["skills"] == [{"name": "chat", "ready": True, "state": "ready"}]
+            sid = await c.new_session()
+            dones, prompts = [], []
+            for text in ("My name is Ada.", "I like green tea.", "What is my name?"):
+                tid, done = await c.turn(sid, text)
+                dones.append(done)
+                prompts.append(next(p for rid, p in worker.recent_prompts if rid.startswith(tid)))
+                turn_events = [e for e in c.events if e.get("turn_id") == tid]
+                kinds = [e["type"] for e in turn_events]
+                assert kinds[:2] == ["turn.created", "turn.routed"] and kinds[-1] == "response.done"
+                assert kinds.count("response.delta") >= 2, "the reply must stream in several frames"
+                deltas = "".join(e["delta"] for e in turn_events if e["type"] == "response.delta")
+                assert deltas == done["text"] and done["status"] == "completed"
+                routed = turn_events[1]
+                assert routed["skill"] == "chat" and routed["reason"] and 0 < routed["confidence"] <= 1
+            seqs = [e["seq"] for e in c.events if "seq" in e]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            return sid, dones, prompts
+
+    sid, dones, prompts = asyncio.run(go())
+    assert "My name is Ada." in prompts[0] and "I like green tea." not in prompts[0]
+    # The second prompt holds the first exchange, model reply included; the third holds both.
+    assert prompts[1].index("My name is Ada.") < prompts[1].index(dones[0]["text"]) < prompts[1].index("I like green tea.")
+    for earlier in ("My name is Ada.", dones[0]["text"], "I like green tea.", dones[1]["text"]):
+        assert earlier in prompts[2]
+    assert prompts[2].rstrip().endswith("What is my name?<|im_end|>\n<|im_start|>assistant")
+    assert all(d["usage"]["completion_tokens"] > 0 and d["usage"]["prompt_tokens"] > 0 for d in dones)
+    assert dones[2]["usage"]["prompt_tokens"] > dones[1]["usage"]["prompt_tokens"] > dones[0]["usage"]["prompt_tokens"]
+
+    history = httpx.get(f"{server.http}/v1/sessions/{sid}/messages", headers=auth(token)).json()
+    msgs = history["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    assert [m["text"] for m in msgs[1::2]] == [d["text"] for d in dones]
+    assert all(m["status"] == "completed" and m["skill"] == "chat" for m in msgs[1::2])
+    assert all(m["first_token_at"] and m["finished_at"] for m in msgs[1::2])
+    assert history["session"]["title"] == "My name is Ada."
+
+
+def test_resume_replays_exactly_what_was_missed(server: LiveServer) -> None:
+    token = server.token("alice")
+
+    async def go() -> None:
+        async with ws_client(server, token) as c:
+            sid = await c.new_session()
+            await c.turn(sid, "first")
+            cut = max(e["seq"] for e in c.events if "seq" in e)
+            await c.turn(sid, "second")
+            live = [e for e in c.events if e.get("seq", 0) > cut]
+        async with ws_client(server, token) as c2:
+            await c2.send(type="session.resume", session_id=sid, last_seq=cut)
+            resumed = await c2.until_type("session.resumed")
+            replayed = [e for e in c2.events if "seq" in e]
+            assert replayed == live
+            assert resumed["last_seq"] == live[-1]["seq"] and resumed["replayed"] == len(live)
+            # After the replay the connection follows the session live.
+            _, done = await c2.turn(sid, "third")
+            assert done["seq"] > resumed["last_seq"]
+
+    asyncio.run(go())
+
+
+def test_two_tabs_on_one_session_both_see_the_stream(server: LiveServer) -> None:
+    token = server.token("alice")
+
+    async def go() -> None:
+        async with ws_client(server, token) as a, ws_client(server, token) as b:
+            sid = await a.new_session()
+            await b.send(type="session.resume", session_id=sid, last_seq=0)
+            await b.until_type("session.resumed")
+            tid, done = await a.turn(sid, "hello")
+            seen = await b.until_type("response.done", turn_id=tid)
+            assert seen == done
+
+    asyncio.run(go())
+
+
+def test_rest_lists_renames_and_deletes_sessions(server: LiveServer) -> None:
+    token = server.token("carol")
+    h = auth(token)
+    first = httpx.post(f"{server.http}/v1/sessions", headers=h, json={"title": "first"}).json()
+    second = httpx.post(f"{server.http}/v1/sessions", headers=h, json={}).json()
+    listed = httpx.get(f"{server.http}/v1/sessions", headers=h).json()["sessions"]
+    assert [s["id"] for s in listed] == [second["id"], first["id"]]  # newest first
+    renamed = httpx.patch(f"{server.http}/v1/sessions/{first['id']}", headers=h, json={"title": "Trip plans"})
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Trip plans"
+    assert httpx.patch(f"{server.http}/v1/sessions/{first['id']}", headers=h, json={"title": ""}).status_code == 422
+    assert httpx.delete(f"{server.http}/v1/sessions/{second['id']}", headers=h).status_code == 204
+    listed = httpx.get(f"{server.http}/v1/sessions", headers=h).json()["sessions"]
+    assert [(s["id"], s["title"]) for s in listed] == [(first["id"], "Trip plans")]
+    assert httpx.get(f"{server.http}/v1/sessions/{second['id']}/messages", headers=h).status_code == 404
+
+
+def test_health_metrics_docs_and_page(server: LiveServer) -> None:
+    health = httpx.get(f"{server.http}/healthz").json()
+    assert health["status"] == "ok" and health["skills"]["chat"]["ready"] is True
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert 'assistant_skill_ready{skill="chat"} 1.0' in metrics
+    assert "assistant_turns_total" in metrics and "assistant_time_to_first_token_seconds_bucket" in metrics
+    doc = httpx.get(f"{server.http}/asyncapi.json").json()
+    assert doc["asyncapi"].startswith("3.") and doc["channels"]["session"]["address"] == "/v1/ws"
+    names = {m["name"] for m in doc["components"]["messages"].values()}
+    assert {"session.create", "session.resume", "turn.create", "response.cancel", "server.hello", "turn.routed",
+            "response.delta", "response.done", "error"} <= names
+    assert "ErrorCode" in doc["components"]["schemas"]
+    openapi = httpx.get(f"{server.http}/openapi.json").json()
+    assert "/v1/sessions/{session_id}/messages" in openapi["paths"]
+    page = httpx.get(f"{server.http}/")
+    assert page.status_code == 200 and "<html" in page.text.lower()

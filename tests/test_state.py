@@ -1,0 +1,83 @@
+"""State: Alembic builds exactly the models' schema, SQLite runs in WAL mode, seqs are monotonic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from state import db as state_db
+from state import store
+from state.models import Base
+
+
+@pytest.fixture()
+def engine(tmp_path: Path):  # noqa: ANN201
+    eng = state_db.make_engine(f"sqlite:///{tmp_path / 'nested' / 'a.db'}")
+    state_db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+def test_migrations_build_the_models_schema(engine) -> None:  # noqa: ANN001
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    assert {"users", "tokens", "sessions", "messages", "attachments", "events", "alembic_version"} <= set(
+        inspect(engine).get_table_names()
+    )
+
+
+def test_upgrade_is_idempotent_and_sqlite_uses_wal(engine) -> None:  # noqa: ANN001
+    state_db.upgrade(engine)  # a second start must not fail
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_tokens_are_stored_hashed_and_resolve_to_their_user(engine) -> None:  # noqa: ANN001
+    factory = state_db.make_session_factory(engine)
+    with factory.begin() as db:
+        alice = store.get_or_create_user(db, name="alice")
+        secret = store.create_token(db, user=alice)
+    with factory() as db:
+        assert store.user_for_token(db, token=secret).name == "alice"
+        assert store.user_for_token(db, token=secret + "x") is None
+        stored = db.execute(text("SELECT token_hash FROM tokens")).scalars().all()
+        assert secret not in stored and store.hash_token(secret) in stored
+    with factory.begin() as db:
+        store.revoke_tokens(db, user=store.get_or_create_user(db, name="alice"))
+    with factory() as db:
+        assert store.user_for_token(db, token=secret) is None
+
+
+def test_event_seq_is_monotonic_per_session_and_replayable(engine) -> None:  # noqa: ANN001
+    factory = state_db.make_session_factory(engine)
+    with factory.begin() as db:
+        user = store.get_or_create_user(db, name="u")
+        a = store.create_session(db, user_id=user.id).id
+        b = store.create_session(db, user_id=user.id).id
+    seqs = {a: [], b: []}
+    for sid in (a, b, a, a, b):
+        with factory.begin() as db:
+            seqs[sid].append(store.append_event(db, session_id=sid, event_type="x", payload_for_seq=lambda s: f'{{"seq":{s}}}'))
+    assert seqs == {a: [1, 2, 3], b: [1, 2]}
+    with factory() as db:
+        assert [e.seq for e in store.events_after(db, session_id=a, after_seq=1)] == [2, 3]
+        with pytest.raises(LookupError):
+            store.append_event(db, session_id="missing", event_type="x", payload_for_seq=str)
+
+
+def test_sessions_belong_to_their_user(engine) -> None:  # noqa: ANN001
+    factory = state_db.make_session_factory(engine)
+    with factory.begin() as db:
+        alice = store.get_or_create_user(db, name="alice")
+        bob = store.get_or_create_user(db, name="bob")
+        sid = store.create_session(db, user_id=alice.id, title="mine").id
+    with factory() as db:
+        assert store.get_session(db, session_id=sid, user_id=alice.id).title == "mine"
+        assert store.get_session(db, session_id=sid, user_id=bob.id) is None
+        assert store.list_sessions(db, user_id=bob.id) == []
