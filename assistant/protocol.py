@@ -68,11 +68,46 @@ class Ping(_ClientEvent):
     type: Literal["ping"] = "ping"
 
 
+class AudioStart(_ClientEvent):
+    """Open the connection's audio buffer for a session. Then send audio as binary frames: raw PCM16
+    little-endian, mono, 16 kHz. ``audio.commit`` transcribes what was sent; ``review`` asks for the
+    transcript only (no turn is created: the client edits it and sends a ``turn.create``)."""
+
+    type: Literal["audio.start"] = "audio.start"
+    session_id: str = Field(max_length=64)
+    format: Literal["pcm16"] = "pcm16"
+    sample_rate: Literal[16000] = 16000
+    review: bool = False
+
+
+class AudioCommit(_ClientEvent):
+    """Close the buffer: the server answers ``transcript.final`` and, unless reviewing, runs the turn."""
+
+    type: Literal["audio.commit"] = "audio.commit"
+    session_id: str = Field(max_length=64)
+
+
+class AudioClear(_ClientEvent):
+    """Drop the audio sent since ``audio.start``."""
+
+    type: Literal["audio.clear"] = "audio.clear"
+    session_id: str = Field(max_length=64)
+
+
 ClientEvent = Annotated[
-    Union[SessionCreate, SessionResume, TurnCreate, ResponseCancel, Ping],
+    Union[SessionCreate, SessionResume, TurnCreate, ResponseCancel, Ping, AudioStart, AudioCommit, AudioClear],
     Field(discriminator="type"),
 ]
-CLIENT_EVENT_TYPES = ("session.create", "session.resume", "turn.create", "response.cancel", "ping")
+CLIENT_EVENT_TYPES = (
+    "session.create",
+    "session.resume",
+    "turn.create",
+    "response.cancel",
+    "ping",
+    "audio.start",
+    "audio.commit",
+    "audio.clear",
+)
 
 # ----------------------------------------------------------------------------- server events
 
@@ -144,6 +179,7 @@ class TurnCreated(_ServerEvent):
     turn_id: str
     text: str
     attachment_ids: list[str] = Field(default_factory=list)
+    input: Literal["text", "speech"] = "text"
 
 
 class TurnQueued(_ServerEvent):
@@ -165,6 +201,7 @@ class TurnRouted(_ServerEvent):
     confidence: float = Field(ge=0.0, le=1.0)
     reason: str
     overridden: bool = False
+    attachment_id: str | None = Field(default=None, description="The image the turn is about, when resolved.")
 
 
 class ResponseDelta(_ServerEvent):
@@ -192,6 +229,37 @@ class ResponseDone(_ServerEvent):
     error: ErrorBody | None = None
 
 
+class AudioStarted(_ServerEvent):
+    type: Literal["audio.started"] = "audio.started"
+    session_id: str
+    max_seconds: float
+
+
+class AudioCleared(_ServerEvent):
+    type: Literal["audio.cleared"] = "audio.cleared"
+    session_id: str
+
+
+class TranscriptPartial(_ServerEvent):
+    """What has been recognised so far while the user is still speaking."""
+
+    type: Literal["transcript.partial"] = "transcript.partial"
+    session_id: str
+    text: str
+
+
+class TranscriptFinal(_ServerEvent):
+    """The transcript of a committed buffer or uploaded file. ``turn_id`` is set when it became a turn."""
+
+    type: Literal["transcript.final"] = "transcript.final"
+    session_id: str
+    text: str
+    duration_ms: float
+    review: bool = False
+    turn_id: str | None = None
+    attachment_id: str | None = None
+
+
 class ErrorCode(StrEnum):
     """Stable error codes. Clients switch on these, never on the message text."""
 
@@ -211,6 +279,22 @@ class ErrorCode(StrEnum):
     context_too_long = "context_too_long"
     generation_failed = "generation_failed"
     internal_error = "internal_error"
+    # attachments (images, audio)
+    attachment_not_found = "attachment_not_found"
+    image_unsupported_type = "image_unsupported_type"
+    image_corrupt = "image_corrupt"
+    image_too_large = "image_too_large"
+    image_too_many_pixels = "image_too_many_pixels"
+    image_decompression_bomb = "image_decompression_bomb"
+    no_image = "no_image"
+    # speech
+    audio_not_started = "audio_not_started"
+    audio_empty = "audio_empty"
+    audio_silent = "audio_silent"
+    audio_too_long = "audio_too_long"
+    audio_too_large = "audio_too_large"
+    audio_undecodable = "audio_undecodable"
+    audio_format_invalid = "audio_format_invalid"
 
 
 class ErrorBody(BaseModel):
@@ -247,6 +331,10 @@ ServerEvent = Annotated[
         ResponseDone,
         Error,
         Pong,
+        AudioStarted,
+        AudioCleared,
+        TranscriptPartial,
+        TranscriptFinal,
     ],
     Field(discriminator="type"),
 ]

@@ -135,3 +135,5 @@ def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: Dia
             dialogue.cancel(user_id=user_id, event=event)
         case p.Ping():
             conn.send_event(p.Pong(event_id=event.event_id))
+        case _:
+            raise DialogueError(p.ErrorCode.unknown_event, f"{event.type} is not handled by this server")

@@ -65,8 +65,9 @@ async def refused_connection(url: str, **connect_kwargs: object) -> tuple[dict, 
 
 
 async def ping(client: Client) -> None:
+    """The very next event after a ping is its pong: the connection works and nothing else arrived."""
     await client.send(type="ping", event_id="p")
-    assert await client.until_type("pong") == {"type": "pong", "event_id": "p"}
+    assert await client.recv() == {"type": "pong", "event_id": "p"}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_websocket_with_wrong_query_token_is_refused(server: LiveServer) -> None
     assert code == 4401
 
 
-def test_websocket_with_revoked_looking_token_of_another_user_is_refused(server: LiveServer, alice: str) -> None:
+def test_websocket_with_truncated_token_is_refused(server: LiveServer, alice: str) -> None:
     """A token is checked whole: a prefix of a valid one does not authenticate."""
     first, code = asyncio.run(refused_connection(f"{server.ws_url}?token={alice[:-1]}"))
     assert first["code"] == "unauthorized", first
@@ -188,9 +189,7 @@ def test_another_user_cannot_turn_or_cancel_over_the_websocket(server: LiveServe
                 await ping(bob_ws)
 
             assert history(server, alice, sid) == before
-            # Alice saw nothing of bob's attempts.
-            await ping(alice_ws)
-            assert [e["type"] for e in alice_ws.events[-1:]] == ["pong"]
+            await ping(alice_ws)  # alice saw nothing of bob's attempts
 
     asyncio.run(scenario())
 

@@ -145,7 +145,11 @@ FRAME_CASES: dict[str, tuple[Callable[[str], str | bytes | dict], str, str | Non
         "text_too_long",
         "t1",
     ),
-    "empty_text": (lambda sid: {"type": "turn.create", "event_id": "t2", "session_id": sid, "text": ""}, "empty_turn", "t2"),
+    "empty_text": (
+        lambda sid: {"type": "turn.create", "event_id": "t2", "session_id": sid, "text": ""},
+        "empty_turn",
+        "t2",
+    ),
     "blank_text": (
         lambda sid: {"type": "turn.create", "event_id": "t3", "session_id": sid, "text": " \n\t "},
         "empty_turn",
@@ -281,9 +285,8 @@ def test_queue_positions_and_limit_while_a_turn_runs(server: LiveServer, alice: 
             assert refused["type"] == "error" and refused["code"] == "turn_queue_full", refused
             assert refused["session_id"] == sid
             turn_ids = [r["turn_id"] for r in accepted]
-            positions = [next(e for e in client.events if e.get("turn_id") == t and e["type"] == "turn.queued")
-                         for t in turn_ids]
-            assert [q["position"] for q in positions] == list(range(1, limit + 1)), positions
+            queued = [client.events[index_of(client.events, type="turn.queued", turn_id=t)] for t in turn_ids]
+            assert [q["position"] for q in queued] == list(range(1, limit + 1)), queued
             dones = await wait_done(client, [first["turn_id"], *turn_ids])
             assert [d["status"] for d in dones] == ["completed"] * (limit + 1), dones
             order = [index_of(client.events, type="response.done", turn_id=d["turn_id"]) for d in dones]
