@@ -23,6 +23,7 @@ from assistant.ws import websocket_endpoint
 from skills.base import Skill
 from skills.registry import build_skills
 from state import db as state_db
+from state.attachments import BlobStore
 from state import store
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     app.state.engine = engine
     app.state.sessions = state_db.make_session_factory(engine)
     app.state.metrics = metrics
+    app.state.blobs = BlobStore(settings.data_dir / "blobs")
     app.state.skills = skill_map
     app.state.dialogue = DialogueManager(
         settings=settings, sessions=app.state.sessions, skills=skill_map, metrics=metrics

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./data/assistant.db"
     # Run Alembic migrations to head when the app starts.
     auto_migrate: bool = True
+    # Uploaded files (images, audio), stored by sha256 under this folder.
+    data_dir: Path = Path("./data")
 
     # --- chat model ---
     # A hub name or a local folder holding a transformers model and tokenizer with a chat template.

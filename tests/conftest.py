@@ -39,6 +39,7 @@ def make_settings(tmp: Path, model: Path, **overrides: object) -> Settings:
         host="127.0.0.1",
         port=free_port(),
         database_url=f"sqlite:///{tmp / 'assistant.db'}",
+        data_dir=tmp / "data",
         chat_model=str(model),
         chat_device="cpu",
         chat_max_new_tokens=24,
