@@ -197,17 +197,19 @@ class DialogueManager:
                 session_id=event.session_id,
             )
         runner = self._runners.get(event.session_id)
-        waiting = len(runner.queue) + (1 if runner and runner.current else 0) if runner else 0
+        # Turns ahead of this one: the running one (or the queue's head, about to run) and those waiting.
+        busy = runner is not None and (runner.current is not None or bool(runner.queue))
+        waiting = (len(runner.queue) - (0 if runner.current else 1)) if busy else 0  # type: ignore[union-attr]
         with self._db() as db:
             sess = self._owned(db, user_id, event.session_id)
-            if runner is not None and len(runner.queue) >= self.settings.max_queued_turns:
+            if waiting >= self.settings.max_queued_turns:
                 raise DialogueError(
                     p.ErrorCode.turn_queue_full,
-                    f"{len(runner.queue)} turns are already waiting in this session; wait or cancel one",
+                    f"{waiting} turns are already waiting in this session; wait or cancel one",
                     session_id=sess.id,
                 )
             turn_id = new_id()
-            status = p.TurnStatus.queued if waiting else p.TurnStatus.received
+            status = p.TurnStatus.queued if busy else p.TurnStatus.received
             user_msg, reply = store.add_turn(
                 db,
                 session=sess,
@@ -232,10 +234,10 @@ class DialogueManager:
         )
         runner = self._runners.setdefault(turn.session_id, _SessionRunner())
         runner.queue.append(turn)
-        if waiting:
+        if busy:
             self._publish(
                 turn.session_id,
-                p.TurnQueued(session_id=turn.session_id, turn_id=turn_id, position=len(runner.queue)),
+                p.TurnQueued(session_id=turn.session_id, turn_id=turn_id, position=waiting + 1),
             )
         if runner.task is None or runner.task.done():
             runner.task = asyncio.get_running_loop().create_task(self._drain(turn.session_id, runner))
