@@ -18,7 +18,17 @@ Every frame is one JSON event with a `type`. Events of a session carry `seq`, mo
 after a reconnect send `session.resume` with the last `seq` you saw and the server replays what you
 missed, then streams live. Every bad frame gets an `error` event with a stable `code` and your
 `event_id`; the connection stays usable unless it was closed with code 4401 (unauthorized).
-Binary frames are reserved for audio (speech skill) and refused until that lands."""
+Binary frames carry audio: after `audio.start`, raw PCM16 little-endian mono 16 kHz samples
+(`AudioFrame`), appended to the connection's buffer until `audio.commit` or `audio.clear`."""
+
+# The one binary message: microphone audio after ``audio.start``.
+AUDIO_FRAME = {
+    "name": "audio.frame",
+    "title": "audio frame (binary)",
+    "summary": "Raw PCM16 little-endian mono 16 kHz samples for the buffer opened by audio.start.",
+    "contentType": "application/octet-stream",
+    "payload": {"type": "string", "format": "binary"},
+}
 
 
 def _members(union: Any) -> list[type[BaseModel]]:
@@ -45,6 +55,7 @@ def build_asyncapi(server_url: str = "localhost:8000") -> dict[str, Any]:
         }
 
     messages = {m.__name__: message(m) for m in client + server}
+    messages["AudioFrame"] = AUDIO_FRAME
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -65,7 +76,9 @@ def build_asyncapi(server_url: str = "localhost:8000") -> dict[str, Any]:
                 "action": "receive",
                 "channel": {"$ref": "#/channels/session"},
                 "summary": "Events a client sends to the server.",
-                "messages": [{"$ref": f"#/channels/session/messages/{m.__name__}"} for m in client],
+                "messages": [
+                    {"$ref": f"#/channels/session/messages/{name}"} for name in [m.__name__ for m in client] + ["AudioFrame"]
+                ],
             },
             "receiveServerEvent": {
                 "action": "send",

@@ -25,10 +25,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from assistant import protocol as p
 from assistant.metrics import Metrics
+from assistant.image_context import image_bytes, image_context, turn_attachments
 from assistant.router import SessionState, TurnRequest, UnknownSkill, route
 from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
+from state.attachments import BlobStore
 from state.models import ChatSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class _Turn:
     run: SkillRun | None = None
     partial: str = ""  # text streamed so far
     ttft_ms: float | None = None
+    image_ids: tuple[str, ...] = ()  # the attachments that are images
 
 
 @dataclass
@@ -77,9 +80,16 @@ def session_info(sess: ChatSession) -> p.SessionInfo:
 
 class DialogueManager:
     def __init__(
-        self, *, settings: Settings, sessions: sessionmaker[Session], skills: dict[str, Skill], metrics: Metrics
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        skills: dict[str, Skill],
+        metrics: Metrics,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.settings = settings
+        self.blobs = blobs if blobs is not None else BlobStore(settings.data_dir / "blobs")
         self._sessions = sessions
         self.skills = skills
         self.metrics = metrics
@@ -120,6 +130,10 @@ class DialogueManager:
                 p.ErrorCode.session_not_found, f"no session {session_id!r} for this user", session_id=session_id
             )
         return sess
+
+    def routable_skills(self) -> dict[str, Skill]:
+        """Skills a turn can be routed to (input stages such as speech feed the router instead)."""
+        return {n: s for n, s in self.skills.items() if not getattr(s, "input_stage", False)}
 
     def subscribe(self, session_id: str, sub: Subscriber) -> None:
         self._subscribers.setdefault(session_id, set()).add(sub)
@@ -180,7 +194,18 @@ class DialogueManager:
 
     # ------------------------------------------------------------------ turns
 
-    def create_turn(self, *, user_id: str, event: p.TurnCreate, sub: Subscriber | None) -> str:
+    def create_turn(
+        self,
+        *,
+        user_id: str,
+        event: p.TurnCreate,
+        sub: Subscriber | None,
+        input_kind: str = "text",
+        on_store: Callable[[Session, str], BaseModel | None] | None = None,
+    ) -> str:
+        """Store and queue a turn. ``input_kind`` is "speech" for a transcript; ``on_store(db, turn_id)``
+        runs in the turn's transaction (e.g. to store its audio) and may return an event that is
+        logged and sent just before ``turn.created`` (the ``transcript.final`` of a spoken turn)."""
         text = event.text
         if len(text) > self.settings.max_text_chars:
             raise DialogueError(
@@ -190,10 +215,10 @@ class DialogueManager:
             )
         if not text.strip() and not event.attachment_ids:
             raise DialogueError(p.ErrorCode.empty_turn, "a turn needs text or an attachment", session_id=event.session_id)
-        if event.skill is not None and event.skill not in self.skills:
+        if event.skill is not None and event.skill not in self.routable_skills():
             raise DialogueError(
                 p.ErrorCode.skill_unknown,
-                f"unknown skill {event.skill!r}; available: {', '.join(sorted(self.skills))}",
+                f"unknown skill {event.skill!r}; available: {', '.join(sorted(self.routable_skills()))}",
                 session_id=event.session_id,
             )
         runner = self._runners.get(event.session_id)
@@ -202,6 +227,13 @@ class DialogueManager:
         waiting = (len(runner.queue) - (0 if runner.current else 1)) if busy else 0  # type: ignore[union-attr]
         with self._db() as db:
             sess = self._owned(db, user_id, event.session_id)
+            unknown, image_ids = turn_attachments(db, user_id=user_id, session_id=sess.id, ids=event.attachment_ids)
+            if unknown:
+                raise DialogueError(
+                    p.ErrorCode.attachment_not_found,
+                    f"no attachment {unknown[0]!r} in this session; upload it to the session first",
+                    session_id=sess.id,
+                )
             if waiting >= self.settings.max_queued_turns:
                 raise DialogueError(
                     p.ErrorCode.turn_queue_full,
@@ -218,10 +250,15 @@ class DialogueManager:
                 attachment_ids=list(event.attachment_ids),
                 status=status.value,
                 skill_override=event.skill,
+                input_kind=input_kind,
             )
             turn = _Turn(turn_id, sess.id, reply.id, user_msg.position, text, tuple(event.attachment_ids), event.skill)
+            turn.image_ids = tuple(image_ids)
+            preface = on_store(db, turn_id) if on_store is not None else None
         if sub is not None:
             self.subscribe(turn.session_id, sub)
+        if preface is not None:
+            self._publish(turn.session_id, preface)
         self._publish(
             turn.session_id,
             p.TurnCreated(
@@ -229,6 +266,7 @@ class DialogueManager:
                 turn_id=turn_id,
                 text=text,
                 attachment_ids=list(turn.attachment_ids),
+                input=input_kind,
                 event_id=event.event_id,
             ),
         )
@@ -279,11 +317,12 @@ class DialogueManager:
 
     def _session_state(self, db: Session, turn: _Turn) -> tuple[SessionState, list[HistoryItem]]:
         msgs = store.history(db, session_id=turn.session_id, before_position=turn.position)
+        images = image_context(db, session_id=turn.session_id, messages=msgs)
         items: list[HistoryItem] = []
         last_skill = None
         for m in msgs:
             if m.role == "user":
-                items.append(HistoryItem("user", m.text))
+                items.append(HistoryItem("user", images.render_user(m)))
             elif m.status in HISTORY_REPLY_STATUSES and m.text:
                 items.append(HistoryItem("assistant", m.text))
             if m.role == "assistant" and m.skill:
@@ -295,7 +334,13 @@ class DialogueManager:
                 merged[-1] = it
             else:
                 merged.append(it)
-        return SessionState(last_skill=last_skill), merged
+        state = SessionState(
+            last_skill=last_skill,
+            image_ids=images.image_ids,
+            focus_image_id=images.focus_image_id,
+            last_question=images.last_question,
+        )
+        return state, merged
 
     async def _run_turn(self, turn: _Turn) -> None:
         started = time.monotonic()
@@ -306,7 +351,9 @@ class DialogueManager:
                 state, history = self._session_state(db, turn)
             try:
                 decision = route(
-                    TurnRequest(turn.text, turn.attachment_ids, turn.override), state, frozenset(self.skills)
+                    TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
+                    state,
+                    frozenset(self.routable_skills()),
                 )
             except UnknownSkill as exc:  # the skill was removed since the turn was queued
                 raise SkillError("skill_unknown", f"unknown skill {exc}") from None
@@ -320,6 +367,7 @@ class DialogueManager:
                     confidence=decision.confidence,
                     reason=decision.reason,
                     overridden=decision.overridden,
+                    attachment_id=decision.attachment_id,
                 ),
                 lambda db: store.update_reply(
                     db,
@@ -328,6 +376,9 @@ class DialogueManager:
                     skill=decision.skill,
                     route_confidence=decision.confidence,
                     route_reason=decision.reason,
+                    attachment_ids=[decision.attachment_id] if decision.attachment_id else [],
+                    # a /command is an override too: store it with the turn like the protocol's field
+                    skill_override=decision.skill if decision.overridden else None,
                 ),
             )
             if not turn.cancelled:
@@ -336,7 +387,12 @@ class DialogueManager:
                         db, message_id=turn.reply_id, status=p.TurnStatus.running.value, started_at=utcnow()
                     )
                 request = SkillRequest(
-                    turn.session_id, turn.turn_id, decision.text or turn.text, tuple(history), turn.attachment_ids
+                    turn.session_id,
+                    turn.turn_id,
+                    decision.text or turn.text,
+                    tuple(history),
+                    turn.attachment_ids,
+                    images=await self._images_for(decision.attachment_id),
                 )
                 run = turn.run = await self.skills[decision.skill].run(request)
                 if turn.cancelled:
@@ -363,6 +419,20 @@ class DialogueManager:
             error = p.ErrorBody(code=p.ErrorCode.internal_error, message=f"internal error: {type(exc).__name__}")
         usage.duration_ms = round((time.monotonic() - started) * 1000, 2)
         self._finish(turn, status, text=turn.partial, skill=skill_name, usage=usage, error=error)
+
+    async def _images_for(self, attachment_id: str | None) -> tuple[bytes, ...]:
+        """The bytes of the image the router resolved (read off the event loop)."""
+        if attachment_id is None:
+            return ()
+
+        def read() -> bytes:
+            with self._sessions() as db:
+                return image_bytes(db, self.blobs, attachment_id=attachment_id)
+
+        try:
+            return (await asyncio.to_thread(read),)
+        except FileNotFoundError:
+            raise SkillError("attachment_not_found", f"the bytes of image {attachment_id!r} are missing") from None
 
     async def _stream(self, turn: _Turn, run: SkillRun, skill: str, started: float) -> None:
         """Forward deltas as coalesced frames; the reply text in the DB grows with each frame."""

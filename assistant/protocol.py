@@ -149,6 +149,9 @@ class ServerHello(_ServerEvent):
     user: str
     skills: list[SkillState]
     limits: dict[str, int]
+    model_profile: str | None = Field(
+        default=None, description="standard (models by name), offline (prepared from PyPI), local or mixed"
+    )
 
 
 class SessionInfo(BaseModel):
@@ -380,7 +383,10 @@ def parse_client_event(raw: str) -> ClientEvent:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'][1:]) or 'event'}: {err['msg']}" for err in exc.errors()
         )
-        raise ProtocolError(ErrorCode.invalid_event, f"invalid {kind}: {problems}", event_id) from None
+        # An audio format the server does not take gets its own code, so clients can fall back.
+        bad_format = kind == "audio.start" and any(err["loc"][1:2] in (("format",), ("sample_rate",)) for err in exc.errors())
+        code = ErrorCode.audio_format_invalid if bad_format else ErrorCode.invalid_event
+        raise ProtocolError(code, f"invalid {kind}: {problems}", event_id) from None
 
 
 def dump_event(event: BaseModel) -> str:

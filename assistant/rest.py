@@ -30,6 +30,7 @@ class MessageOut(BaseModel):
     turn_id: str
     role: str
     text: str
+    input: str = "text"  # "speech" when the user spoke it and it was transcribed
     status: str
     skill: str | None
     route_confidence: float | None

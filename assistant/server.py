@@ -14,11 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from assistant import __version__
 from assistant.asyncapi import build_asyncapi
+from assistant.audio_routes import router as audio_router
 from assistant.dialogue import DialogueManager
 from assistant.metrics import Metrics
+from assistant.profiles import resolve_models
 from assistant.protocol import PROTOCOL_VERSION, SkillState
 from assistant.rest import router as rest_router
+from assistant.uploads import router as uploads_router
 from assistant.settings import Settings
+from assistant.speech_input import SpeechInput
 from assistant.ws import websocket_endpoint
 from skills.base import Skill
 from skills.registry import build_skills
@@ -42,6 +46,7 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     """Build the app. ``skills`` replaces the registry's skills (tests may pass their own)."""
     engine = state_db.make_engine(settings.database_url)
     metrics = Metrics()
+    settings, model_plan = resolve_models(settings)
     skill_map = skills if skills is not None else build_skills(settings)
 
     @asynccontextmanager
@@ -74,7 +79,7 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     app.state.blobs = BlobStore(settings.data_dir / "blobs")
     app.state.skills = skill_map
     app.state.dialogue = DialogueManager(
-        settings=settings, sessions=app.state.sessions, skills=skill_map, metrics=metrics
+        settings=settings, sessions=app.state.sessions, skills=skill_map, metrics=metrics, blobs=app.state.blobs
     )
 
     def skill_states() -> list[SkillState]:
@@ -86,7 +91,11 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
         return out
 
     app.state.skill_states = skill_states
+    app.state.model_plan = model_plan
+    app.state.speech = SpeechInput(app.state)
     app.include_router(rest_router)
+    app.include_router(uploads_router)
+    app.include_router(audio_router)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
 
     @app.get("/healthz", tags=["ops"])
@@ -97,6 +106,8 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             "status": "ok" if ok else "degraded",
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "model_profile": model_plan.effective,
+            "models": {k: {"source": m.source, "model": m.model, "note": m.note} for k, m in model_plan.skills.items()},
             "skills": {s.name: s.model_dump(exclude={"name"}) for s in states},
         }
         return JSONResponse(body)

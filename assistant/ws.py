@@ -9,6 +9,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from assistant import __version__
 from assistant import protocol as p
+from assistant.audio_stream import AudioStream
 from assistant.auth import authenticate, token_from
 from assistant.dialogue import DialogueError, DialogueManager
 
@@ -27,6 +28,7 @@ class Connection:
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=max_queue)
         self.metrics = metrics
         self.overflowed = False
+        self.audio: AudioStream | None = None  # set once the user is known
 
     def deliver(self, frame: str) -> None:
         try:
@@ -66,6 +68,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return
     conn = Connection(ws, settings.max_outbound_queue, metrics)
+    conn.audio = AudioStream(speech=app.state.speech, user_id=user.id, conn=conn)
     sender = asyncio.create_task(conn.sender())
     metrics.connections.inc()
     conn.send_event(
@@ -73,10 +76,13 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             server_version=__version__,
             user=user.name,
             skills=app.state.skill_states(),
+            model_profile=app.state.model_plan.effective,
             limits={
                 "max_frame_bytes": settings.max_frame_bytes,
                 "max_text_chars": settings.max_text_chars,
                 "max_queued_turns": settings.max_queued_turns,
+                "max_image_bytes": settings.image_max_bytes,
+                "max_image_pixels": settings.image_max_pixels,
             },
         )
     )
@@ -86,15 +92,21 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 break
             if message.get("bytes") is not None:
-                conn.send_event(
-                    p.Error(code=p.ErrorCode.binary_not_expected, message="binary frames are not accepted here; send JSON text")
-                )
+                # Binary frames are audio for the buffer opened by audio.start; none is open here.
+                if not conn.audio.feed(message["bytes"]):
+                    conn.send_event(
+                        p.Error(
+                            code=p.ErrorCode.binary_not_expected,
+                            message="binary frames carry audio only after audio.start; send JSON text events",
+                        )
+                    )
                 continue
             handle_text(message.get("text") or "", conn, user.id, dialogue, settings.max_frame_bytes)
     except WebSocketDisconnect:
         pass
     finally:
         metrics.connections.dec()
+        conn.audio.close()
         dialogue.detach(conn)
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
@@ -135,5 +147,7 @@ def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: Dia
             dialogue.cancel(user_id=user_id, event=event)
         case p.Ping():
             conn.send_event(p.Pong(event_id=event.event_id))
+        case p.AudioStart() | p.AudioClear() | p.AudioCommit():
+            conn.audio.handle(event)
         case _:
             raise DialogueError(p.ErrorCode.unknown_event, f"{event.type} is not handled by this server")

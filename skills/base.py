@@ -32,6 +32,8 @@ class SkillRequest:
     # Earlier messages of the session, oldest first, not including this turn.
     history: tuple[HistoryItem, ...] = ()
     attachment_ids: tuple[str, ...] = ()
+    # The image(s) the turn is about (as resolved by the router), encoded bytes; vision skills read them.
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skills.loading import MODEL_LOAD_LOCK
+
 log = logging.getLogger(__name__)
+
+CPU_KV_BLOCKS = 64
+CPU_MAX_BATCH_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,13 @@ class ChatWorker:
             )
         try:
             tokenizer = AutoTokenizer.from_pretrained(opts.model)
-            model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
+            with MODEL_LOAD_LOCK:  # other skills load models in other threads; see skills/loading.py
+                model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
         except Exception as exc:  # noqa: BLE001 - every loading failure gets the same advice
             raise ModelLoadError(
                 f"could not load chat model {opts.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
                 "Set ASSISTANT_CHAT_MODEL to a local folder holding a transformers model and tokenizer, "
-                "or to a hub name this machine can reach"
+                "or to a hub name this machine can reach, or run `assistant models prepare --profile offline`"
             ) from exc
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError(
@@ -117,10 +123,13 @@ class ChatWorker:
             eos_token_id=eos_ids or -1,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
         )
+        on_cpu = device == "cpu"
         cb_config = ContinuousBatchingConfig(
-            num_blocks=opts.kv_blocks,
+            # The library sizes the cache from free accelerator memory; on the CPU that means most of
+            # the RAM, allocated up front, so CPU runs get a modest cache unless told otherwise.
+            num_blocks=opts.kv_blocks or (CPU_KV_BLOCKS if on_cpu else None),
             page_size=opts.kv_page_size,
-            max_batch_tokens=opts.max_batch_tokens,
+            max_batch_tokens=opts.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
             auto_switch_to_flash=device.startswith("cuda"),
         )
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)

@@ -31,4 +31,11 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
         context_tokens=settings.chat_context_tokens,
         enabled=settings.load_models,
     )
-    return {chat.name: chat}
+    from skills.speech import build_speech_skill
+
+    speech = build_speech_skill(settings)
+    skills: dict[str, Skill] = {chat.name: chat, speech.name: speech}
+    from skills.vision_registry import build_vision_skills
+
+    skills.update(build_vision_skills(settings))
+    return skills

@@ -71,6 +71,8 @@ class Message(Base):
     position: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))  # user | assistant
     text: Mapped[str] = mapped_column(Text, default="")
+    # How the user gave the text: typed ("text") or spoken and transcribed ("speech").
+    input: Mapped[str] = mapped_column(String(16), default="text", server_default="text")
     status: Mapped[str] = mapped_column(String(16))
     skill: Mapped[str | None] = mapped_column(String(32), nullable=True)
     route_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -103,6 +103,7 @@ def add_turn(
     attachment_ids: list[str],
     status: str,
     skill_override: str | None,
+    input_kind: str = "text",
 ) -> tuple[Message, Message]:
     """Store a user message and its (empty) assistant message, which carries the turn's status."""
     last = db.scalar(select(func.max(Message.position)).where(Message.session_id == session.id))
@@ -113,6 +114,7 @@ def add_turn(
         position=pos,
         role="user",
         text=text,
+        input=input_kind,
         status="completed",
         attachment_ids=list(attachment_ids),
     )

@@ -21,6 +21,7 @@ from assistant.settings import Settings
 from state import db as state_db
 from state import store
 from tests.tiny_models import build_tiny_chat_model
+from tests.speech_fixtures import speech_files, tiny_whisper  # noqa: F401 - shared speech fixtures
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,9 @@ def make_settings(tmp: Path, model: Path, **overrides: object) -> Settings:
         chat_max_batch_tokens=512,
         chat_context_tokens=1024,
         delta_flush_interval=0.0,
+        speech_model="",  # speech off unless a test passes a tiny Whisper checkpoint
+        caption_model="",  # vision off unless a test passes tiny BLIP folders
+        vqa_model="",
     )
     base.update(overrides)
     return Settings(**base)

@@ -1,26 +1,42 @@
-// Minimal browser client. Speaks only the websocket protocol of assistant/protocol.py, plus the
-// /v1/sessions REST routes. Model output is only ever inserted with textContent.
+// Browser client. Speaks only the websocket protocol of assistant/protocol.py, plus the REST routes
+// (/v1/sessions…, /v1/sessions/{id}/attachments, /healthz). Model output reaches the DOM only through
+// markdown.js, which builds nodes from text (never innerHTML) and drops unsafe links.
+
+import { renderMarkdown } from "./markdown.js";
+import { Recorder, micSupported } from "./mic.js";
+import { downloadExport } from "./export.js";
 
 const TOKEN_KEY = "assistant.token";
+const REVIEW_KEY = "assistant.reviewSpeech";
 const FINAL = new Set(["completed", "cancelled", "failed", "interrupted"]);
+const IMAGE_SKILLS = ["caption", "vqa"];
+const SPEECH_SKILLS = ["speech", "asr", "stt", "transcribe", "whisper"];
+const SKILL_LABELS = { caption: "caption", vqa: "question", chat: "chat" };
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const byId = (id) => document.getElementById(id);
 const el = {
   thread: byTestId("thread"), composer: byTestId("composer"), sessions: byTestId("sessions"),
   newChat: byTestId("new-chat"), status: byTestId("status"), action: byId("action"), form: byId("composer-form"),
   title: byId("title"), menu: byId("menu"), login: byId("login"), loginForm: byId("login-form"),
-  loginError: byId("login-error"), tokenInput: byId("token-input"),
+  loginError: byId("login-error"), tokenInput: byId("token-input"), attach: byId("attach"), file: byId("file"),
+  mic: byId("mic"), level: byId("level"), review: byId("review"), tray: byId("tray"), live: byId("live-transcript"),
+  exportMenu: byId("export"), drop: byId("drop"),
 };
 
 // models: session_id -> { lastSeq, turns: Map(turn_id -> turn) }, fed only by server events.
 // openId: the session shown (null: a new chat, created on its first message).
-// pending: event_id of an unanswered turn.create -> its text; create: { eventId, text } of a new chat.
+// pending: event_id of an unanswered turn.create -> its draft; create: { eventId, draft } of a new chat.
 const state = {
   token: null, ws: null, connected: false, retries: 0, retryTimer: null,
-  conn: "starting…", notice: "", noticeTimer: null, // the status line: connection, then a transient notice
+  conn: "starting…", notice: "", noticeTimer: null,
   openId: null, models: new Map(), titles: new Map(), pending: new Map(), create: null,
+  skills: new Map(), // name -> {ready, state, detail}
+  tray: [], // attachments uploaded for the next turn: {id, localUrl, name, uploading}
+  audio: null, // {sessionId, recorder, started, queue, review}
 };
 const view = new Map(); // turn_id -> DOM nodes, for the open session only
+const attachmentInfo = new Map(); // attachment id -> upload response (for thumbnail urls)
+const thumbUrls = new Map(); // attachment id -> Promise<blob: url>
 
 let counter = 0;
 const newId = () => `c${Date.now().toString(36)}${(counter++).toString(36)}${Math.random().toString(36).slice(2, 8)}`;
@@ -56,15 +72,21 @@ el.loginForm.addEventListener("submit", (e) => {
 });
 
 // --- REST
-async function api(path, { method = "GET", body } = {}) {
+async function api(path, { method = "GET", body, form, raw = false } = {}) {
   const headers = { Authorization: `Bearer ${state.token}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const res = await fetch(path, { method, headers, body: form ?? (body === undefined ? undefined : JSON.stringify(body)) });
   if (res.status === 401) {
     askForToken("That token was not accepted.");
     throw new Error("unauthorized");
   }
-  if (!res.ok) throw new Error(`${method} ${path} failed (${res.status})`);
+  if (!res.ok) {
+    let detail = null;
+    try { detail = (await res.json()).detail; } catch { /* not JSON */ }
+    const msg = detail?.message || (typeof detail === "string" ? detail : `${method} ${path} failed (${res.status})`);
+    throw Object.assign(new Error(msg), { code: detail?.code, status: res.status });
+  }
+  if (raw) return res;
   return res.status === 204 ? null : res.json();
 }
 
@@ -82,17 +104,21 @@ let refreshTimer = null;
 const refreshSoon = () => { clearTimeout(refreshTimer); refreshTimer = setTimeout(refreshSessions, 300); };
 
 function renderSessions(sessions) {
-  el.sessions.replaceChildren(...sessions.map(sessionItem));
+  const sorted = [...sessions].sort((a, b) => (b.updated_at || "").localeCompare(a.updated_at || ""));
+  el.sessions.replaceChildren(...sorted.map(sessionItem));
   el.title.textContent = state.titles.get(state.openId) || "New chat";
+  el.exportMenu.hidden = !state.openId;
 }
 
 function sessionItem(s) {
   const li = make("li", "");
   li.dataset.id = s.id;
   li.classList.toggle("active", s.id === state.openId);
+  const open = button("session-title", s.title, () => openSession(s.id));
+  if (s.id === state.openId) open.setAttribute("aria-current", "page");
   li.append(
-    button("session-title", s.title, () => openSession(s.id)),
-    button("icon", "✎", () => renameSession(s), `Rename “${s.title}”`),
+    open,
+    button("icon", "✎", () => startRename(li, s), `Rename “${s.title}”`),
     button("icon", "×", () => deleteSession(s), `Delete “${s.title}”`),
   );
   return li;
@@ -100,28 +126,49 @@ function sessionItem(s) {
 
 function button(className, text, onClick, label) {
   const b = Object.assign(make("button", className), { type: "button", textContent: text, onclick: onClick });
-  if (label) b.setAttribute("aria-label", label);
+  if (label) { b.setAttribute("aria-label", label); b.title = label; }
   return b;
 }
 
 function make(tag, className, testId, parent) {
   const node = document.createElement(tag);
-  node.className = className;
+  if (className) node.className = className;
   if (testId) node.dataset.testid = testId;
   if (parent) parent.append(node);
   return node;
 }
 
-async function renameSession(s) {
-  const title = prompt("Rename chat", s.title);
-  if (!title || !title.trim()) return;
-  await api(`/v1/sessions/${encodeURIComponent(s.id)}`, { method: "PATCH", body: { title: title.trim() } }).catch((e) => notify(e.message));
-  refreshSessions();
+function startRename(li, s) {
+  const input = Object.assign(make("input", "rename"), { value: s.title, maxLength: 200 });
+  input.setAttribute("aria-label", "New title");
+  input.dataset.testid = "rename-input";
+  li.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== s.title) {
+      await api(`/v1/sessions/${encodeURIComponent(s.id)}`, { method: "PATCH", body: { title } }).catch((e) => notify(e.message));
+    }
+    await refreshSessions();
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    if (e.key === "Escape") { e.preventDefault(); finish(false); }
+  });
+  input.addEventListener("blur", () => finish(true));
 }
 
 async function deleteSession(s) {
-  if (!confirm(`Delete “${s.title}”?`)) return;
-  await api(`/v1/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" }).catch((e) => notify(e.message));
+  if (!confirm(`Delete “${s.title}”? This cannot be undone.`)) return;
+  try {
+    await api(`/v1/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+  } catch (e) {
+    notify(e.message);
+  }
   state.models.delete(s.id);
   if (state.openId === s.id) openSession(null);
   refreshSessions();
@@ -132,6 +179,7 @@ function connect() {
   clearTimeout(state.retryTimer);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${location.host}/v1/ws?token=${encodeURIComponent(state.token)}`);
+  ws.binaryType = "arraybuffer";
   state.ws = ws;
   setConn("connecting…");
   ws.onmessage = (e) => onFrame(e.data);
@@ -147,17 +195,25 @@ function closeSocket() {
 
 function onClose(ws, e) {
   if (state.ws !== ws) return; // replaced or closed on purpose
-  if (state.create) restoreDraft(state.create.text); // its session.created may never come
+  if (state.create) restoreDraft(state.create.draft); // its session.created may never come
+  for (const draft of state.pending.values()) restoreDraft(draft);
+  state.pending.clear();
+  if (state.audio) abortRecording("the connection dropped while recording");
   Object.assign(state, { ws: null, connected: false, create: null });
   if (e.code === 4401) return askForToken("That token was not accepted.");
-  const delay = Math.min(15000, 500 * 2 ** state.retries++) * (0.75 + Math.random() / 2);
-  setConn(`disconnected — reconnecting in ${Math.ceil(delay / 1000)}s`);
+  const delay = state.retries === 0 ? 250 : Math.min(15000, 500 * 2 ** state.retries) * (0.75 + Math.random() / 2);
+  state.retries++;
+  setConn(`connection lost — reconnecting in ${Math.max(1, Math.ceil(delay / 1000))}s`);
   state.retryTimer = setTimeout(connect, delay);
 }
 
 function send(event) {
-  if (state.connected) state.ws.send(JSON.stringify(event));
-  else notify("not connected");
+  if (state.connected && state.ws?.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify(event));
+    return true;
+  }
+  notify("not connected — try again in a moment");
+  return false;
 }
 
 function resume(sessionId) {
@@ -170,12 +226,18 @@ function model(sessionId) {
 }
 
 function turnOf(m, id) {
-  if (!m.turns.has(id)) m.turns.set(id, { id, text: "", reply: "", route: null, status: "running", error: null, position: null });
+  if (!m.turns.has(id)) {
+    m.turns.set(id, {
+      id, text: "", attachmentIds: [], input: "text", reply: "", route: null, status: "running",
+      error: null, position: null, usage: null,
+    });
+  }
   return m.turns.get(id);
 }
 
 // --- server events
 function onFrame(data) {
+  if (typeof data !== "string") return;
   let ev;
   try { ev = JSON.parse(data); } catch { return; }
   const special = { "server.hello": onHello, "session.resumed": onResumed, error: onError, pong: () => {} }[ev.type];
@@ -188,38 +250,88 @@ function onFrame(data) {
   }
   const handler = sessionHandlers[ev.type];
   if (handler) handler(ev, m);
-  if (ev.turn_id) renderTurn(ev.session_id, m.turns.get(ev.turn_id));
+  if (ev.turn_id && m.turns.has(ev.turn_id)) renderTurn(ev.session_id, m.turns.get(ev.turn_id));
   updateControls();
 }
 
 const sessionHandlers = {
   "session.created": (ev) => {
     if (!state.create || state.create.eventId !== ev.event_id) return refreshSoon();
-    const { text } = state.create;
+    const { draft } = state.create;
     state.create = null;
+    state.titles.set(ev.session_id, ev.session.title);
     openSession(ev.session_id, { resume: false });
-    sendTurn(ev.session_id, text);
-    refreshSoon();
+    sendTurn(ev.session_id, draft);
+    refreshSessions(); // show the new chat in the sidebar at once
   },
   "turn.created": (ev, m) => {
-    turnOf(m, ev.turn_id).text = ev.text;
+    Object.assign(turnOf(m, ev.turn_id), { text: ev.text, attachmentIds: ev.attachment_ids || [], input: ev.input || "text" });
     state.pending.delete(ev.event_id);
     refreshSoon(); // the first turn names the session
   },
   "turn.queued": (ev, m) => { turnOf(m, ev.turn_id).position = ev.position; },
   "turn.routed": (ev, m) => Object.assign(turnOf(m, ev.turn_id), { route: ev, position: null }),
-  "response.delta": (ev, m) => Object.assign(turnOf(m, ev.turn_id), { position: null }).reply += ev.delta,
-  "response.done": (ev, m) =>
-    Object.assign(turnOf(m, ev.turn_id), { reply: ev.text, status: ev.status, error: ev.error || null, position: null }),
+  "response.delta": (ev, m) => { Object.assign(turnOf(m, ev.turn_id), { position: null }).reply += ev.delta; },
+  "response.done": (ev, m) => {
+    Object.assign(turnOf(m, ev.turn_id), {
+      reply: ev.text, status: ev.status, error: ev.error || null, position: null, usage: ev.usage || null,
+    });
+    // Turns queued behind this one move up.
+    for (const t of m.turns.values()) if (t.position && !FINAL.has(t.status)) t.position = Math.max(1, t.position - 1);
+    if (ev.session_id === state.openId) for (const t of m.turns.values()) if (t.position) renderTurn(ev.session_id, t);
+  },
+  "audio.started": (ev) => onAudioStarted(ev),
+  "audio.cleared": () => {},
+  "transcript.partial": (ev) => { if (ev.session_id === state.openId) showLive(ev.text, true); },
+  "transcript.final": (ev) => onTranscript(ev),
 };
 
 function onHello(ev) {
   state.connected = true;
   state.retries = 0;
   if (ev.limits && ev.limits.max_text_chars) el.composer.maxLength = ev.limits.max_text_chars;
-  const waiting = (ev.skills || []).filter((s) => !s.ready).map((s) => `${s.name}: ${s.state}`);
-  setConn(`connected as ${ev.user}${waiting.length ? ` · ${waiting.join(", ")}` : ""}`);
+  setSkills(ev.skills || []);
+  setConn(`connected as ${ev.user}`);
   if (state.openId) resume(state.openId);
+}
+
+function setSkills(list) {
+  state.skills = new Map(list.map((s) => [s.name, s]));
+  updateCapabilities();
+  if (list.some((s) => s.state === "loading")) setTimeout(pollHealth, 3000);
+}
+
+async function pollHealth() {
+  try {
+    const res = await fetch("/healthz");
+    const { skills } = await res.json();
+    setSkills(Object.entries(skills).map(([name, s]) => ({ name, ...s })));
+  } catch { /* the websocket reconnect reports connectivity */ }
+}
+
+function capability(names, what) {
+  const present = names.map((n) => state.skills.get(n)).filter(Boolean);
+  if (!present.length) return { ok: false, why: `${what} is not available: this server has no ${names[0]} skill` };
+  const ready = present.find((s) => s.ready);
+  if (ready) return { ok: true, why: "" };
+  const s = present[0];
+  const how = { loading: "is still loading", unavailable: "is unavailable", disabled: "is turned off on this server" }[s.state] || `is ${s.state}`;
+  return { ok: false, why: `${what} ${how}${s.detail ? `: ${s.detail}` : ""}` };
+}
+
+function updateCapabilities() {
+  const img = capability(IMAGE_SKILLS, "Image understanding");
+  el.attach.disabled = !img.ok;
+  el.attach.title = img.ok ? "Attach an image (or paste / drop one)" : img.why;
+  const speechNames = SPEECH_SKILLS.filter((n) => state.skills.has(n));
+  const sp = micSupported()
+    ? capability(speechNames.length ? speechNames : SPEECH_SKILLS, "Speech input")
+    : { ok: false, why: "This browser cannot record audio here (needs a secure context: https or localhost)" };
+  el.mic.disabled = !sp.ok && !state.audio;
+  el.mic.title = sp.ok ? "Hold to talk (or press Ctrl+M to start and stop)" : sp.why;
+  el.mic.setAttribute("aria-label", el.mic.title);
+  el.attach.setAttribute("aria-label", el.attach.title);
+  renderOpenThread();
 }
 
 function onResumed(ev) {
@@ -232,16 +344,27 @@ function onError(ev) {
   if (state.pending.has(ev.event_id)) restoreDraft(state.pending.get(ev.event_id));
   state.pending.delete(ev.event_id);
   if (state.create?.eventId === ev.event_id) {
-    restoreDraft(state.create.text);
+    restoreDraft(state.create.draft);
     state.create = null;
+  }
+  if (state.audio && (ev.code.startsWith("audio_") || ev.event_id === state.audio.eventId)) {
+    abortRecording();
   }
   if (ev.code === "session_not_found" && ev.session_id) {
     state.models.delete(ev.session_id);
     if (state.openId === ev.session_id) openSession(null);
     refreshSessions();
   }
-  notify(`${ev.code}: ${ev.message}`);
+  notify(ERROR_TEXT[ev.code] ? `${ERROR_TEXT[ev.code]} (${ev.message})` : `${ev.code}: ${ev.message}`);
 }
+
+const ERROR_TEXT = {
+  turn_queue_full: "Too many messages are waiting in this chat",
+  audio_silent: "I could not hear anything",
+  audio_empty: "No audio was recorded",
+  audio_too_long: "That recording is too long",
+  skill_unavailable: "That skill is not available right now",
+};
 
 // --- thread
 function openSession(sessionId, { resume: doResume = true } = {}) {
@@ -252,86 +375,348 @@ function openSession(sessionId, { resume: doResume = true } = {}) {
     for (const t of model(sessionId).turns.values()) renderTurn(sessionId, t);
     if (doResume && state.connected) resume(sessionId);
   }
-  for (const li of el.sessions.children) li.classList.toggle("active", li.dataset.id === sessionId);
+  for (const li of el.sessions.children) {
+    li.classList.toggle("active", li.dataset.id === sessionId);
+    li.querySelector(".session-title")?.toggleAttribute("aria-current", li.dataset.id === sessionId);
+  }
   el.title.textContent = state.titles.get(sessionId) || "New chat";
+  el.exportMenu.hidden = !sessionId;
   document.body.classList.remove("nav-open");
   el.menu.setAttribute("aria-expanded", "false");
   el.thread.scrollTop = el.thread.scrollHeight;
+  showLive("");
   updateControls();
   el.composer.focus();
 }
 
+function renderOpenThread() {
+  if (!state.openId) return;
+  for (const t of model(state.openId).turns.values()) renderTurn(state.openId, t);
+}
+
 function buildTurn() {
   const user = make("div", "msg user", "user-message", el.thread);
+  const images = make("div", "images", null, user);
+  const userText = make("div", "text", null, user);
   const bot = make("div", "msg assistant", "assistant-message", el.thread);
-  const chip = make("div", "chip", "route-chip", bot);
-  return { user, bot, chip, body: make("div", "body", null, bot), note: make("div", "note", null, bot) };
+  const chip = make("details", "chip", "route-chip", bot);
+  const summary = make("summary", "", null, chip);
+  const menu = make("div", "chip-menu", null, chip);
+  const body = make("div", "body md", "assistant-body", bot);
+  const note = make("div", "note", "turn-note", bot);
+  return { user, images, userText, bot, chip, summary, menu, body, note, rendered: null, imageKey: "" };
 }
 
 function renderTurn(sessionId, t) {
   if (!t || sessionId !== state.openId) return;
-  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 80;
+  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
   if (!view.has(t.id)) view.set(t.id, buildTurn());
   const v = view.get(t.id);
-  v.user.textContent = t.text;
-  v.user.hidden = !t.text;
-  v.chip.hidden = !t.route;
-  if (t.route) v.chip.textContent = `${t.route.skill} · ${Math.round(t.route.confidence * 100)}% — ${t.route.reason}`;
-  v.body.textContent = t.reply;
+  v.userText.textContent = t.text;
+  v.user.dataset.input = t.input;
+  v.user.hidden = !t.text && !t.attachmentIds.length;
+  const imageKey = t.attachmentIds.join(",");
+  if (v.imageKey !== imageKey) {
+    v.imageKey = imageKey;
+    v.images.replaceChildren(...t.attachmentIds.map(thumbnail));
+  }
+  renderChip(v, t);
+  if (v.rendered !== t.reply) scheduleBody(v, t);
   v.bot.dataset.status = t.status;
-  const note = t.position ? `queued (position ${t.position})` : FINAL.has(t.status) && t.status !== "completed"
-    ? t.status + (t.error ? ` — ${t.error.message}` : "") : "";
+  v.bot.setAttribute("aria-busy", String(!FINAL.has(t.status)));
+  const note = t.position
+    ? `Waiting for the server — position ${t.position} in the queue`
+    : t.status === "cancelled" ? "Stopped (cancelled)"
+      : FINAL.has(t.status) && t.status !== "completed" ? t.status + (t.error ? ` — ${t.error.message}` : "") : "";
   v.note.textContent = note;
   v.note.hidden = !note;
   if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
 }
 
+// Markdown is re-rendered at most once per animation frame while text streams.
+const dirty = new Map();
+let frame = 0;
+function scheduleBody(v, t) {
+  dirty.set(v, t);
+  if (!frame) frame = requestAnimationFrame(flushBodies);
+  if (FINAL.has(t.status) || document.hidden) flushBodies();
+}
+function flushBodies() {
+  cancelAnimationFrame(frame);
+  frame = 0;
+  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
+  for (const [v, t] of dirty) {
+    v.rendered = t.reply;
+    v.body.replaceChildren(renderMarkdown(t.reply));
+  }
+  dirty.clear();
+  if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
+}
+
+function renderChip(v, t) {
+  v.chip.hidden = !t.route;
+  if (!t.route) return;
+  const r = t.route;
+  const label = SKILL_LABELS[r.skill] || r.skill;
+  v.summary.textContent = `${label} · ${Math.round(r.confidence * 100)}%${r.overridden ? " · chosen" : ""} — ${r.reason}`;
+  v.summary.title = `Answered by the ${r.skill} skill (router confidence ${Math.round(r.confidence * 100)}%): ${r.reason}. Click to answer differently.`;
+  const options = [...state.skills.keys()].filter((s) => SKILL_LABELS[s] && (s === "chat" || t.attachmentIds.length || hasImage(t)));
+  const key = `${options.join(",")}|${r.skill}|${FINAL.has(t.status)}`;
+  if (v.menuKey === key) return;
+  v.menuKey = key;
+  v.menu.replaceChildren(...options.map((s) => {
+    const ready = state.skills.get(s)?.ready;
+    const b = button("", `Answer as ${SKILL_LABELS[s]}`, () => { v.chip.open = false; rerun(t, s); });
+    b.dataset.skill = s;
+    b.disabled = !ready || !FINAL.has(t.status);
+    if (s === r.skill) b.classList.add("current");
+    return b;
+  }));
+}
+
+function hasImage(t) {
+  return Boolean(t.route?.attachment_id);
+}
+
+function rerun(t, skill) {
+  if (!state.openId) return;
+  const ids = t.attachmentIds.length ? t.attachmentIds : t.route?.attachment_id ? [t.route.attachment_id] : [];
+  const eventId = newId();
+  state.pending.set(eventId, "");
+  send({ type: "turn.create", event_id: eventId, session_id: state.openId, text: t.text, attachment_ids: ids, skill });
+}
+
+// --- images
+function thumbnail(id) {
+  const fig = make("figure", "thumb", "thumbnail");
+  const img = make("img", "", null, fig);
+  img.alt = "attached image";
+  fig.dataset.attachmentId = id;
+  thumbUrl(id).then((url) => { if (url) img.src = url; else fig.classList.add("missing"); });
+  return fig;
+}
+
+function thumbUrl(id) {
+  if (!thumbUrls.has(id)) {
+    const info = attachmentInfo.get(id);
+    const path = info?.thumbnail_url || `/v1/attachments/${encodeURIComponent(id)}/thumbnail`;
+    thumbUrls.set(id, api(path, { raw: true }).then(async (res) => URL.createObjectURL(await res.blob())).catch(() => {
+      thumbUrls.delete(id);
+      return null;
+    }));
+  }
+  return thumbUrls.get(id);
+}
+
+async function ensureSession() {
+  if (state.openId) return state.openId;
+  const s = await api("/v1/sessions", { method: "POST", body: {} });
+  state.titles.set(s.id, s.title);
+  openSession(s.id);
+  refreshSoon();
+  return s.id;
+}
+
+async function addImages(files) {
+  const images = [...files].filter((f) => f.type.startsWith("image/") || !f.type);
+  if (!images.length) return notify("Only images can be attached here");
+  if (el.attach.disabled) return notify(el.attach.title);
+  let sessionId;
+  try { sessionId = await ensureSession(); } catch (e) { return notify(e.message); }
+  for (const file of images) {
+    const item = { id: null, localUrl: URL.createObjectURL(file), name: file.name || "image", uploading: true };
+    state.tray.push(item);
+    renderTray();
+    const form = new FormData();
+    form.append("file", file, file.name || "image");
+    try {
+      const info = await api(`/v1/sessions/${encodeURIComponent(sessionId)}/attachments`, { method: "POST", form });
+      attachmentInfo.set(info.id, info);
+      thumbUrls.set(info.id, Promise.resolve(item.localUrl));
+      Object.assign(item, { id: info.id, uploading: false });
+    } catch (e) {
+      state.tray = state.tray.filter((x) => x !== item);
+      notify(`Could not attach ${item.name}: ${e.message}`);
+    }
+    renderTray();
+  }
+  el.composer.focus();
+}
+
+function renderTray() {
+  el.tray.hidden = !state.tray.length;
+  el.tray.replaceChildren(...state.tray.map((item) => {
+    const fig = make("figure", `thumb${item.uploading ? " uploading" : ""}`, "tray-item");
+    const img = make("img", "", null, fig);
+    img.src = item.localUrl;
+    img.alt = item.name;
+    const rm = button("remove", "×", () => { state.tray = state.tray.filter((x) => x !== item); renderTray(); }, `Remove ${item.name}`);
+    fig.append(rm);
+    return fig;
+  }));
+  updateControls();
+}
+
+// --- speech
+async function startRecording() {
+  if (state.audio || el.mic.disabled) return;
+  const review = el.review.checked;
+  const audio = { sessionId: null, recorder: null, started: false, queue: [], review, eventId: newId(), stopping: false };
+  state.audio = audio;
+  el.mic.classList.add("recording");
+  el.mic.setAttribute("aria-pressed", "true");
+  showLive("Listening…", true);
+  try {
+    audio.sessionId = await ensureSession();
+    audio.recorder = new Recorder({
+      onChunk: (buf) => {
+        if (audio.started && state.ws?.readyState === WebSocket.OPEN) state.ws.send(buf);
+        else audio.queue.push(buf);
+      },
+      onLevel: (lvl) => { el.level.style.setProperty("--level", lvl.toFixed(3)); },
+    });
+    if (!send({ type: "audio.start", event_id: audio.eventId, session_id: audio.sessionId, format: "pcm16", sample_rate: 16000, review })) {
+      throw new Error("not connected");
+    }
+    await audio.recorder.start();
+    if (audio.stopRequested) stopRecording();
+  } catch (e) {
+    abortRecording(e.name === "NotAllowedError" ? "microphone permission was denied" : e.message);
+  }
+}
+
+function onAudioStarted(ev) {
+  const audio = state.audio;
+  if (!audio || ev.session_id !== audio.sessionId) return;
+  audio.started = true;
+  audio.maxSeconds = ev.max_seconds;
+  for (const buf of audio.queue) state.ws.send(buf);
+  audio.queue = [];
+  if (ev.max_seconds) audio.limitTimer = setTimeout(stopRecording, ev.max_seconds * 1000 - 200);
+}
+
+async function stopRecording() {
+  const audio = state.audio;
+  if (!audio || audio.stopping) return;
+  if (!audio.recorder?.ctx) { audio.stopRequested = true; return; } // still starting
+  audio.stopping = true;
+  clearTimeout(audio.limitTimer);
+  await audio.recorder.stop();
+  const flushAndCommit = () => {
+    for (const buf of audio.queue) state.ws?.send(buf);
+    audio.queue = [];
+    send({ type: "audio.commit", event_id: newId(), session_id: audio.sessionId });
+  };
+  if (audio.started) flushAndCommit();
+  else audio.commitWhenStarted = setTimeout(flushAndCommit, 1500);
+  showLive("Transcribing…", true);
+  endRecordingUi();
+}
+
+function abortRecording(why) {
+  const audio = state.audio;
+  if (!audio) return;
+  clearTimeout(audio.limitTimer);
+  audio.recorder?.stop();
+  if (audio.started && state.connected) send({ type: "audio.clear", event_id: newId(), session_id: audio.sessionId });
+  state.audio = null;
+  endRecordingUi();
+  showLive("");
+  if (why) notify(`Recording stopped: ${why}`);
+  updateCapabilities();
+}
+
+function endRecordingUi() {
+  el.mic.classList.remove("recording");
+  el.mic.setAttribute("aria-pressed", "false");
+  el.level.style.setProperty("--level", "0");
+}
+
+function onTranscript(ev) {
+  const audio = state.audio;
+  if (audio && ev.session_id === audio.sessionId) state.audio = null;
+  if (ev.session_id !== state.openId) return;
+  if (ev.review || !ev.turn_id) {
+    showLive("");
+    el.composer.value = el.composer.value.trim() ? `${el.composer.value.trimEnd()} ${ev.text}` : ev.text;
+    autosize();
+    el.composer.focus();
+    notify("Transcript ready — edit it and press Enter to send", { info: true });
+  } else {
+    showLive(`🎤 ${ev.text}`, false);
+    setTimeout(() => showLive(""), 2500);
+  }
+  updateCapabilities();
+}
+
+function showLive(text, pending = false) {
+  el.live.hidden = !text;
+  el.live.textContent = text;
+  el.live.classList.toggle("pending", pending);
+}
+
 // --- composer and status
 const liveTurns = () => [...(state.openId ? model(state.openId).turns.values() : [])].filter((t) => !FINAL.has(t.status));
+const readyAttachments = () => state.tray.filter((x) => x.id);
 
 function updateControls() {
   const running = liveTurns().length > 0;
-  el.action.textContent = running ? "Stop" : "Send";
-  el.action.dataset.testid = running ? "stop" : "send";
-  el.action.classList.toggle("stop", running);
-  el.action.disabled = !state.connected;
+  const hasDraft = Boolean(el.composer.value.trim()) || readyAttachments().length > 0;
+  const stopMode = running && !hasDraft;
+  el.action.textContent = stopMode ? "Stop" : "Send";
+  el.action.dataset.testid = stopMode ? "stop" : "send";
+  el.action.setAttribute("aria-label", stopMode ? "Stop the reply (Esc)" : "Send (Enter)");
+  el.action.classList.toggle("stop", stopMode);
+  el.action.disabled = !state.connected || (!stopMode && !hasDraft) || state.tray.some((x) => x.uploading);
   renderStatus();
 }
 
 function renderStatus() {
   const queued = liveTurns().filter((t) => t.position).pop();
   const parts = [state.conn];
-  if (queued) parts.push(`queued (position ${queued.position})`);
+  if (queued) parts.push(`server busy: your message is number ${queued.position} in the queue`);
   if (state.notice) parts.push(state.notice);
   el.status.textContent = parts.join(" · ");
-  el.status.classList.toggle("error", Boolean(state.notice));
+  el.status.classList.toggle("error", Boolean(state.notice) && !state.noticeInfo);
+  el.status.classList.toggle("offline", !state.connected);
 }
 
 const setConn = (text) => { state.conn = text; updateControls(); };
 
-function notify(text) {
+function notify(text, { info = false } = {}) {
   state.notice = text;
+  state.noticeInfo = info;
   clearTimeout(state.noticeTimer);
   state.noticeTimer = setTimeout(() => { state.notice = ""; renderStatus(); }, 8000);
   renderStatus();
 }
 
-const restoreDraft = (text) => { if (!el.composer.value.trim()) el.composer.value = text; };
+function restoreDraft(draft) {
+  if (!draft) return;
+  const text = typeof draft === "string" ? draft : draft.text;
+  if (text && !el.composer.value.trim()) el.composer.value = text;
+  if (typeof draft === "object" && draft.tray?.length && !state.tray.length) { state.tray = draft.tray; renderTray(); }
+  autosize();
+}
 
-function sendTurn(sessionId, text) {
+function sendTurn(sessionId, draft) {
   const eventId = newId();
-  state.pending.set(eventId, text);
-  send({ type: "turn.create", event_id: eventId, session_id: sessionId, text });
+  state.pending.set(eventId, draft);
+  send({ type: "turn.create", event_id: eventId, session_id: sessionId, text: draft.text, attachment_ids: draft.tray.map((x) => x.id) });
 }
 
 function submit() {
   const text = el.composer.value;
-  if (!text.trim() || !state.connected) return;
+  const tray = readyAttachments();
+  if ((!text.trim() && !tray.length) || !state.connected || state.tray.some((x) => x.uploading)) return;
+  const draft = { text, tray };
   el.composer.value = "";
+  state.tray = [];
+  renderTray();
   autosize();
-  if (state.openId) return sendTurn(state.openId, text);
-  if (state.create) return restoreDraft(text); // a new chat is already being created
-  state.create = { eventId: newId(), text };
+  if (state.openId) return sendTurn(state.openId, draft);
+  if (state.create) return restoreDraft(draft); // a new chat is already being created
+  state.create = { eventId: newId(), draft };
   send({ type: "session.create", event_id: state.create.eventId });
 }
 
@@ -345,6 +730,7 @@ function stop() {
 function autosize() {
   el.composer.style.height = "auto";
   el.composer.style.height = `${Math.min(el.composer.scrollHeight, 200)}px`;
+  updateControls();
 }
 
 el.form.addEventListener("submit", (e) => {
@@ -355,17 +741,86 @@ el.composer.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     submit(); // while a turn runs, this queues the next one
+  } else if (e.key === "Escape" && liveTurns().length) {
+    e.preventDefault();
+    stop();
   }
 });
 el.composer.addEventListener("input", autosize);
+el.composer.addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+  if (files.length) { e.preventDefault(); addImages(files); }
+});
+el.attach.addEventListener("click", () => el.file.click());
+el.file.addEventListener("change", () => { addImages(el.file.files); el.file.value = ""; });
+
+let dragDepth = 0;
+window.addEventListener("dragenter", (e) => {
+  if (![...(e.dataTransfer?.types || [])].includes("Files")) return;
+  dragDepth++;
+  el.drop.hidden = false;
+});
+window.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; el.drop.hidden = true; } });
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => {
+  e.preventDefault();
+  dragDepth = 0;
+  el.drop.hidden = true;
+  if (e.dataTransfer?.files?.length) addImages(e.dataTransfer.files);
+});
+
+// Hold to talk: pointer on the button, Space/Enter held on the focused button, or Ctrl+M to toggle.
+el.mic.addEventListener("pointerdown", (e) => { if (e.button === 0) { el.mic.setPointerCapture(e.pointerId); startRecording(); } });
+el.mic.addEventListener("pointerup", () => stopRecording());
+el.mic.addEventListener("pointercancel", () => stopRecording());
+el.mic.addEventListener("keydown", (e) => {
+  if ((e.key === " " || e.key === "Enter") && !e.repeat) { e.preventDefault(); startRecording(); }
+});
+el.mic.addEventListener("keyup", (e) => { if (e.key === " " || e.key === "Enter") { e.preventDefault(); stopRecording(); } });
+el.mic.addEventListener("click", (e) => e.preventDefault());
+window.addEventListener("keydown", (e) => {
+  if (e.ctrlKey && !e.shiftKey && !e.altKey && e.key.toLowerCase() === "m") {
+    e.preventDefault();
+    if (state.audio) stopRecording(); else startRecording();
+  }
+});
+el.review.checked = localStorage.getItem(REVIEW_KEY) === "1";
+el.review.addEventListener("change", () => localStorage.setItem(REVIEW_KEY, el.review.checked ? "1" : "0"));
+
+el.exportMenu.addEventListener("click", async (e) => {
+  const fmt = e.target.closest("button[data-format]")?.dataset.format;
+  if (!fmt || !state.openId) return;
+  el.exportMenu.open = false;
+  try {
+    await downloadExport(api, state.openId, fmt);
+  } catch (err) {
+    notify(`Export failed: ${err.message}`);
+  }
+});
+
 el.newChat.addEventListener("click", () => openSession(null));
 el.menu.addEventListener("click", () => {
   const open = document.body.classList.toggle("nav-open");
   el.menu.setAttribute("aria-expanded", String(open));
+  if (open) el.newChat.focus();
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && document.body.classList.contains("nav-open")) {
+    document.body.classList.remove("nav-open");
+    el.menu.setAttribute("aria-expanded", "false");
+    el.menu.focus();
+  }
 });
 el.thread.addEventListener("click", () => document.body.classList.remove("nav-open"));
 window.addEventListener("online", () => { if (state.token && !state.ws) connect(); });
 setInterval(() => { if (state.connected) send({ type: "ping" }); }, 30000);
+
+// A small hook for tests and debugging: drop the socket as a network failure would.
+window.__assistant = {
+  state,
+  get socket() { return state.ws; },
+  dropConnection() { state.ws?.close(4000, "dropped by the debug hook"); },
+};
 
 // --- start
 function start(token) {
@@ -373,6 +828,7 @@ function start(token) {
   connect();
   refreshSessions();
   updateControls();
+  updateCapabilities();
 }
 
 const token = readToken();

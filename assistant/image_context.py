@@ -1,0 +1,73 @@
+"""The session's images as the dialogue sees them: the image registry for the router, labels for the
+history (late fusion: "[image 1] how many people?" followed by the VQA answer), and checks on the
+ids a turn refers to. Reads rows; writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from assistant.image_refs import is_follow_up
+from assistant.router import split_command
+from state.attachments import BlobStore, session_attachments
+from state.models import Attachment, Message
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    image_ids: tuple[str, ...]  # the registry: images sent in turns, first appearance order
+    focus_image_id: str | None  # the image the last turn about an image was about
+    last_question: str | None  # the last question answered by VQA (follow-ups repeat it)
+    labels: dict[str, str]  # turn_id -> "[image 1] " prefix for that turn's user message
+
+    def render_user(self, message: Message) -> str:
+        label = self.labels.get(message.turn_id, "")
+        return f"{label}{message.text}".strip() if label else message.text
+
+
+def turn_attachments(db: Session, *, user_id: str, session_id: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(unknown ids, image ids) for the ids a turn refers to: an id is unknown unless it is an
+    attachment of ``user_id`` in ``session_id``."""
+    rows = {a.id: a for a in session_attachments(db, session_id=session_id) if a.user_id == user_id}
+    unknown = [i for i in ids if i not in rows]
+    images = list(dict.fromkeys(i for i in ids if i in rows and rows[i].kind == "image"))
+    return unknown, images
+
+
+def image_context(db: Session, *, session_id: str, messages: Sequence[Message]) -> ImageContext:
+    images = {a.id for a in session_attachments(db, session_id=session_id, kind="image")}
+    registry: list[str] = []
+    focus: str | None = None
+    last_question: str | None = None
+    user_text: dict[str, str] = {}
+    about: dict[str, list[str]] = {}  # turn_id -> the images the turn was about
+    for m in messages:
+        ids = [i for i in (m.attachment_ids or []) if i in images]
+        if m.role == "user":
+            user_text[m.turn_id] = m.text
+            registry.extend(i for i in ids if i not in registry)
+            if ids:
+                about[m.turn_id] = ids
+        elif ids:  # the reply stores the image the router resolved
+            about.setdefault(m.turn_id, ids)
+        if ids:
+            focus = ids[-1]
+        if m.role == "assistant" and m.skill == "vqa" and m.status == "completed":
+            _, question = split_command(user_text.get(m.turn_id, ""))
+            if question.strip() and not is_follow_up(question):
+                last_question = question.strip()
+    labels = {
+        turn_id: "".join(f"[image {registry.index(i) + 1}] " for i in ids if i in registry)
+        for turn_id, ids in about.items()
+    }
+    return ImageContext(tuple(registry), focus, last_question, labels)
+
+
+def image_bytes(db: Session, blobs: BlobStore, *, attachment_id: str) -> bytes:
+    """The bytes a vision model should see (EXIF orientation applied). Raises FileNotFoundError."""
+    row = db.get(Attachment, attachment_id)
+    if row is None:
+        raise FileNotFoundError(attachment_id)
+    return blobs.read(row.meta.get("display_sha256", row.sha256))

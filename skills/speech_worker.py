@@ -1,0 +1,221 @@
+"""The speech inference worker: owns the Whisper model (openai-whisper) and one decoding thread.
+
+Utterances from every session go into one queue. The thread takes what has arrived (waiting a few
+milliseconds for more when it finds only one), pads each utterance of up to 30 s to a 30-second
+log-mel segment and decodes them together with one ``whisper.decode(model, mel[N, n_mels, 3000])``.
+Requests that arrive while a batch runs wait in the queue and form the next batch. Audio longer
+than 30 s goes through ``model.transcribe`` on the float32 array (never a path: that would shell out
+to ffmpeg again). This is the in-process transport; torch and whisper are imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30-second input window
+
+
+@dataclass(frozen=True)
+class SpeechWorkerOptions:
+    model: str  # whisper name (tiny, base, small, ...) or a checkpoint file path
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    language: str | None = None  # None: detect per utterance (multilingual models)
+    batch_size: int = 16  # most utterances decoded together
+    batch_wait_ms: float = 10.0  # how long a lone utterance waits for company
+    max_tokens: int = 224  # most tokens decoded per 30-second window
+
+
+@dataclass(frozen=True)
+class Transcription:
+    text: str
+    language: str | None
+    tokens: int
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names the setting to change."""
+
+
+@dataclass
+class _Request:
+    samples: np.ndarray
+    future: Future
+
+
+class SpeechWorker:
+    def __init__(self, options: SpeechWorkerOptions) -> None:
+        self.options = options
+        self.model: Any = None
+        self.device = "cpu"
+        self.language: str | None = options.language
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        # Observability: sizes of the recent batched decodes, and calls per path.
+        self.batch_sizes: deque[int] = deque(maxlen=256)
+        self.decode_calls = 0
+        self.transcribe_calls = 0
+
+    # ------------------------------------------------------------------ loading (blocking; run in a thread)
+
+    def load(self) -> None:
+        try:
+            import torch
+            import whisper
+        except ImportError as exc:  # pragma: no cover - the project's install pulls these in
+            raise ModelLoadError(f"openai-whisper is not installed ({exc}); run: pip install -e .") from exc
+        opts = self.options
+        device = opts.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        looks_path = opts.model.startswith((".", "/", "~")) or opts.model.endswith((".pt", ".pth"))
+        if looks_path and not Path(opts.model).expanduser().is_file():
+            raise ModelLoadError(
+                f"speech model file {opts.model!r} does not exist; set ASSISTANT_SPEECH_MODEL to a Whisper "
+                f"checkpoint file or to one of: {', '.join(whisper.available_models())}"
+            )
+        try:
+            model = whisper.load_model(str(Path(opts.model).expanduser()) if looks_path else opts.model, device=device)
+        except Exception as exc:  # noqa: BLE001 - every loading failure gets the same advice
+            raise ModelLoadError(
+                f"could not load speech model {opts.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+                "Set ASSISTANT_SPEECH_MODEL to a Whisper checkpoint file or a name this machine can fetch "
+                f"({', '.join(whisper.available_models())})"
+            ) from exc
+        self.model, self.device = model.eval(), device
+        # English-only checkpoints have no language tokens: they cannot detect a language.
+        self.language = opts.language or (None if model.is_multilingual else "en")
+        self._thread = threading.Thread(target=self._loop, name="speech-worker", daemon=True)
+        self._thread.start()
+        log.info("speech model %s loaded on %s", opts.model, device)
+
+    def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ serving (any thread)
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, samples: np.ndarray) -> Future:
+        """Queue 16 kHz mono float32 audio; the future resolves to a ``Transcription``."""
+        if not self.is_running():
+            raise RuntimeError("the speech worker is not running")
+        fut: Future = Future()
+        self._queue.put(_Request(np.ascontiguousarray(samples, dtype=np.float32), fut))
+        return fut
+
+    # ------------------------------------------------------------------ the decoding thread
+
+    def _next_batch(self, first: _Request) -> tuple[list[_Request], bool]:
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.options.batch_wait_ms / 1000
+        while len(batch) < self.options.batch_size:
+            try:
+                # Take what is queued already; wait a little only while the batch is still small.
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._next_batch(first)
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            short = [r for r in live if r.samples.size <= WINDOW_SAMPLES]
+            long = [r for r in live if r.samples.size > WINDOW_SAMPLES]
+            if short:
+                self._guarded(short, self._decode_batch)
+            for r in long:
+                self._guarded([r], self._transcribe_long)
+        # Fail whatever is still queued so no caller waits forever.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(RuntimeError("the speech worker stopped"))
+
+    def _guarded(self, reqs: list[_Request], step: Any) -> None:
+        """One boundary per batch: log, free GPU memory, fail these requests, keep serving."""
+        try:
+            results = step(reqs)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("speech decoding failed for %d request(s)", len(reqs))
+            self._free_cuda()
+            for r in reqs:
+                r.future.set_exception(exc)
+            return
+        for r, res in zip(reqs, results, strict=True):
+            r.future.set_result(res)
+
+    def _free_cuda(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _decode_batch(self, reqs: list[_Request]) -> list[Transcription]:
+        import torch
+        import whisper
+
+        model = self.model
+        mels = torch.stack(
+            [
+                whisper.log_mel_spectrogram(
+                    whisper.pad_or_trim(torch.from_numpy(r.samples)), n_mels=model.dims.n_mels, device=model.device
+                )
+                for r in reqs
+            ]
+        )
+        options = whisper.DecodingOptions(
+            language=self.language,
+            without_timestamps=True,
+            sample_len=self.options.max_tokens,
+            fp16=self.device.startswith("cuda"),
+        )
+        with torch.inference_mode():
+            results = whisper.decode(model, mels, options)
+        self.decode_calls += 1
+        self.batch_sizes.append(len(reqs))
+        return [Transcription(res.text.strip(), res.language, len(res.tokens)) for res in results]
+
+    def _transcribe_long(self, reqs: list[_Request]) -> list[Transcription]:
+        import torch
+
+        (req,) = reqs
+        with torch.inference_mode():
+            out = self.model.transcribe(
+                req.samples,
+                language=self.language,
+                fp16=self.device.startswith("cuda"),
+                verbose=None,
+                sample_len=self.options.max_tokens,
+            )
+        self.transcribe_calls += 1
+        tokens = sum(len(seg.get("tokens", ())) for seg in out.get("segments", ()))
+        return [Transcription(str(out.get("text", "")).strip(), out.get("language"), tokens)]

@@ -1,0 +1,204 @@
+"""Uploading images over HTTP: real photos in, refusals with the right code, nothing half-stored."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from state import db as state_db
+from state.attachments import session_attachments
+from tests.conftest import LiveServer, make_settings, start_server
+from tests.photos import auth, new_session, photo, upload
+
+MAX_BYTES = 1_000_000
+MAX_PIXELS = 300_000  # the sample photos are 135k-274k pixels
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path) -> Iterator[LiveServer]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("uploads"), tiny_chat_model, image_max_bytes=MAX_BYTES, image_max_pixels=MAX_PIXELS
+    )
+    srv = start_server(settings)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(live: LiveServer) -> str:
+    return live.token("alice")
+
+
+def stored(live: LiveServer, session_id: str) -> tuple[int, int]:
+    """(attachment rows in the session, files in the blob store)."""
+    with state_db.make_session_factory(live.app.state.engine)() as db:  # type: ignore[attr-defined]
+        rows = len(session_attachments(db, session_id=session_id))
+    blobs = live.settings.data_dir / "blobs"
+    files = sum(len(f) for _, _, f in os.walk(blobs)) if blobs.exists() else 0
+    return rows, files
+
+
+def opened(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def test_a_photo_uploads_and_is_served_with_a_thumbnail(live: LiveServer, alice: str) -> None:
+    sid = new_session(live.http, alice)
+    data = photo("astronaut")
+    # The name and declared type lie; the bytes decide.
+    r = upload(live.http, alice, sid, data, filename="notes.txt", content_type="text/plain")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["kind"] == "image" and body["mime_type"] == "image/jpeg"
+    assert (body["width"], body["height"], body["size_bytes"]) == (512, 512, len(data))
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["url"] == f"/v1/attachments/{body['id']}"
+    assert body["thumbnail_url"] == f"/v1/attachments/{body['id']}/thumbnail"
+
+    full = httpx.get(live.http + body["url"], headers=auth(alice))
+    assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg" and full.content == data
+    thumb = httpx.get(live.http + body["thumbnail_url"], headers=auth(alice))
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    img = opened(thumb.content)
+    assert img.format == "JPEG" and max(img.size) == 256 and len(thumb.content) < len(data)
+
+    # The same bytes again: the same attachment, stored once.
+    before = stored(live, sid)
+    again = upload(live.http, alice, sid, data)
+    assert again.status_code == 201 and again.json()["id"] == body["id"]
+    assert stored(live, sid) == before == (1, 2)  # one row; the photo and its thumbnail
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "size"),
+    [("PNG", "image/png", (600, 400)), ("WEBP", "image/webp", (600, 400)), ("BMP", "image/bmp", (600, 400))],
+)
+def test_png_webp_and_bmp_are_accepted(live: LiveServer, alice: str, fmt: str, mime: str, size: tuple) -> None:
+    sid = new_session(live.http, alice)
+    r = upload(live.http, alice, sid, photo("coffee", fmt), filename="x.jpg")
+    assert r.status_code == 201, r.text
+    assert r.json()["mime_type"] == mime and (r.json()["width"], r.json()["height"]) == size
+
+
+def test_an_animated_gif_is_read_by_its_first_frame(live: LiveServer, alice: str) -> None:
+    first = Image.fromarray(__import__("skimage.data").data.chelsea())
+    second = first.rotate(90, expand=True)
+    buf = io.BytesIO()
+    first.save(buf, "GIF", save_all=True, append_images=[second], duration=100)
+    sid = new_session(live.http, alice)
+    r = upload(live.http, alice, sid, buf.getvalue(), filename="cat.gif", content_type="image/gif")
+    assert r.status_code == 201, r.text
+    assert r.json()["mime_type"] == "image/gif" and (r.json()["width"], r.json()["height"]) == (451, 300)
+
+
+def test_exif_orientation_is_applied(live: LiveServer, alice: str) -> None:
+    img = Image.fromarray(__import__("skimage.data").data.chelsea())  # 451 wide, 300 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show it rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    sid = new_session(live.http, alice)
+    r = upload(live.http, alice, sid, buf.getvalue())
+    assert r.status_code == 201, r.text
+    assert (r.json()["width"], r.json()["height"]) == (300, 451)
+    served = opened(httpx.get(live.http + r.json()["url"], headers=auth(alice)).content)
+    assert served.size == (300, 451) and served.getexif().get(0x0112, 1) == 1
+    thumb = opened(httpx.get(live.http + r.json()["thumbnail_url"], headers=auth(alice)).content)
+    assert thumb.height > thumb.width
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 30_000) -> bytes:
+    """A 2 kB PNG that declares side x side pixels."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (side + 1) * 64, 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def noise_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def plain_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+REFUSALS = {
+    "pdf_named_jpg": (b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n%%EOF\n", 415, "image_unsupported_type"),
+    "text_named_jpg": (b"just some notes, not a photo\n" * 20, 415, "image_unsupported_type"),
+    "tiff": (None, 415, "image_unsupported_type"),
+    "empty": (b"", 400, "image_corrupt"),
+    "jpeg_header_then_garbage": (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8, 400, "image_corrupt"),
+    "truncated_jpeg": (None, 400, "image_corrupt"),
+    "truncated_png": (None, 400, "image_corrupt"),
+    "too_many_bytes": (None, 413, "image_too_large"),
+    "too_many_pixels": (None, 413, "image_too_many_pixels"),
+    "decompression_bomb": (None, 413, "image_decompression_bomb"),
+    "bomb_under_pillows_hard_limit": (None, 413, "image_decompression_bomb"),
+}
+
+
+def refusal_bytes(case: str) -> bytes:
+    data = REFUSALS[case][0]
+    if data is not None:
+        return data
+    return {
+        "tiff": tiff,
+        "truncated_jpeg": lambda: photo("rocket")[: len(photo("rocket")) * 2 // 3],
+        "truncated_png": lambda: photo("coffee", "PNG")[: len(photo("coffee", "PNG")) // 2],
+        "too_many_bytes": lambda: noise_png(640),
+        "too_many_pixels": lambda: plain_png(1000, 800),
+        "decompression_bomb": png_bomb,  # 900 Mpx: Pillow itself raises
+        "bomb_under_pillows_hard_limit": lambda: png_bomb(10_000),  # 100 Mpx: Pillow only warns
+    }[case]()
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_images_are_refused_and_nothing_is_stored(live: LiveServer, alice: str, case: str) -> None:
+    sid = new_session(live.http, alice)
+    before = stored(live, sid)
+    data = refusal_bytes(case)
+    r = upload(live.http, alice, sid, data, filename="photo.jpg", content_type="image/jpeg")
+    _, status, code = REFUSALS[case]
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]["code"] == code and r.json()["detail"]["message"]
+    assert stored(live, sid) == before
+    # The server keeps serving: a good photo goes through right after.
+    assert upload(live.http, alice, sid, photo("chelsea")).status_code == 201
+
+
+def test_another_users_image_is_not_found(live: LiveServer, alice: str) -> None:
+    bob = live.token("bob")
+    sid = new_session(live.http, alice)
+    att = upload(live.http, alice, sid, photo("rocket")).json()
+    for path in (att["url"], att["thumbnail_url"], "/v1/attachments/nope", "/v1/attachments/nope/thumbnail"):
+        r = httpx.get(live.http + path, headers=auth(bob))
+        assert r.status_code == 404 and r.json()["detail"]["code"] == "attachment_not_found", path
+    # Nor can bob upload into alice's session, or anyone without a token.
+    r = upload(live.http, bob, sid, photo("rocket"))
+    assert r.status_code == 404 and r.json()["detail"]["code"] == "session_not_found"
+    assert httpx.get(live.http + att["url"]).status_code == 401
