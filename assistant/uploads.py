@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request, Response, UploadFile, status
+from fastapi import APIRouter, HTTPException, Request, Response, UploadFile
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 

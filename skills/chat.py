@@ -8,8 +8,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
-from skills.chat_worker import ChatWorker, ChatWorkerOptions, ModelLoadError
+from skills.base import HistoryItem, SkillError, SkillRequest, SkillUsage
+from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.lifecycle import ModelSkill
 
 log = logging.getLogger(__name__)
 
@@ -101,47 +102,17 @@ class ChatRun:
                 yield delta
 
 
-class ChatSkill:
+class ChatSkill(ModelSkill):
     name = "chat"
+    setting = "ASSISTANT_CHAT_MODEL"
 
     def __init__(
         self, options: ChatWorkerOptions, *, system_prompt: str | None, context_tokens: int, enabled: bool = True
     ) -> None:
+        super().__init__(enabled=enabled)
         self.worker = ChatWorker(options)
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
-        self._enabled = enabled
-        self._state = "loading" if enabled else "disabled"
-        self._detail: str | None = None
-        self._ready = asyncio.Event()
-
-    def status(self) -> SkillStatus:
-        extra = {"model": self.worker.options.model}
-        return SkillStatus(state=self._state, detail=self._detail, extra=extra)  # type: ignore[arg-type]
-
-    async def start(self) -> None:
-        if not self._enabled:
-            self._ready.set()
-            return
-        try:
-            await asyncio.to_thread(self.worker.load)
-            self._state = "ready"
-        except ModelLoadError as exc:
-            self._state, self._detail = "unavailable", str(exc)
-            log.error("chat skill unavailable: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - the server keeps serving without this skill
-            self._state, self._detail = "unavailable", f"chat model failed to start: {exc}"
-            log.exception("chat skill failed to start")
-        finally:
-            self._ready.set()
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.worker.close)
-
-    async def wait_ready(self) -> None:
-        await self._ready.wait()
-        if self._state != "ready":
-            raise SkillError("skill_unavailable", f"the chat skill is {self._state}: {self._detail or 'disabled'}")
 
     async def run(self, request: SkillRequest) -> ChatRun:
         await self.wait_ready()

@@ -19,6 +19,8 @@ from typing import Any
 
 from skills.loading import MODEL_LOAD_LOCK
 
+from skills.lifecycle import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 CPU_KV_BLOCKS = 64
@@ -36,10 +38,6 @@ class ChatWorkerOptions:
     kv_blocks: int | None = None  # KV-cache pages (None: library picks from free memory)
     kv_page_size: int = 256
     max_batch_tokens: int | None = None
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the setting to change."""
 
 
 def _resolve_device(torch: Any, device: str) -> str:

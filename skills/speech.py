@@ -4,59 +4,23 @@ then goes to the router like a typed one. It sits in the registry so health and 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import numpy as np
 
-from skills.base import SkillError, SkillRequest, SkillStatus
-from skills.speech_worker import ModelLoadError, SpeechWorker, SpeechWorkerOptions, Transcription
+from skills.base import SkillError, SkillRequest
+from skills.lifecycle import ModelSkill
+from skills.speech_worker import SpeechWorker, SpeechWorkerOptions, Transcription
 
-log = logging.getLogger(__name__)
 
-
-class SpeechSkill:
+class SpeechSkill(ModelSkill):
     name = "speech"
+    setting = "ASSISTANT_SPEECH_MODEL"
     # Input stages feed the router; they are never routed to and never answer a turn.
     input_stage = True
 
     def __init__(self, options: SpeechWorkerOptions, *, enabled: bool = True) -> None:
+        super().__init__(enabled=enabled)
         self.worker = SpeechWorker(options)
-        self._enabled = enabled
-        self._state = "loading" if enabled else "disabled"
-        self._detail: str | None = None
-        self._ready = asyncio.Event()
-
-    def status(self) -> SkillStatus:
-        return SkillStatus(state=self._state, detail=self._detail, extra={"model": self.worker.options.model})  # type: ignore[arg-type]
-
-    async def start(self) -> None:
-        if not self._enabled:
-            self._ready.set()
-            return
-        try:
-            await asyncio.to_thread(self.worker.load)
-            self._state = "ready"
-        except ModelLoadError as exc:
-            self._state, self._detail = "unavailable", str(exc)
-            log.error("speech skill unavailable: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - the server keeps serving without this skill
-            self._state = "unavailable"
-            self._detail = f"speech model failed to start: {exc}; check ASSISTANT_SPEECH_MODEL"
-            log.exception("speech skill failed to start")
-        finally:
-            self._ready.set()
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.worker.close)
-
-    async def wait_ready(self) -> None:
-        await self._ready.wait()
-        if self._state != "ready":
-            raise SkillError(
-                "skill_unavailable",
-                f"speech recognition is {self._state}: "
-                f"{self._detail or 'turned off; set ASSISTANT_SPEECH_MODEL (and ASSISTANT_LOAD_MODELS) to enable it'}",
-            )
 
     async def transcribe(self, samples: np.ndarray) -> Transcription:
         """Transcribe 16 kHz mono float32 audio on the worker, batched with other sessions' audio."""

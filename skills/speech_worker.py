@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from skills.lifecycle import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
@@ -43,10 +45,6 @@ class Transcription:
     text: str
     language: str | None
     tokens: int
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the setting to change."""
 
 
 @dataclass

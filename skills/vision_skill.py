@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
-from skills.base import SkillError, SkillRequest, SkillStatus, SkillUsage
-from skills.vision_worker import ModelLoadError, VisionWorker, VisionWorkerOptions
-
-log = logging.getLogger(__name__)
+from skills.base import SkillError, SkillRequest, SkillUsage
+from skills.lifecycle import ModelSkill
+from skills.vision_worker import VisionWorker, VisionWorkerOptions
 
 
 class VisionRun:
@@ -38,52 +36,18 @@ class VisionRun:
             yield text
 
 
-class VisionSkill:
+class VisionSkill(ModelSkill):
     """Base for image-to-text skills; subclasses set ``name`` and ``question()``."""
 
     name = "vision"
 
     def __init__(self, options: VisionWorkerOptions, *, enabled: bool = True) -> None:
+        super().__init__(enabled=enabled)
         self.worker = VisionWorker(options)
-        self._enabled = enabled
-        self._state = "loading" if enabled else "disabled"
-        self._detail: str | None = None
-        self._ready = asyncio.Event()
+        self.setting = options.setting
 
     def question(self, request: SkillRequest) -> str | None:
         raise NotImplementedError
-
-    def status(self) -> SkillStatus:
-        return SkillStatus(state=self._state, detail=self._detail, extra={"model": self.worker.options.model})  # type: ignore[arg-type]
-
-    async def start(self) -> None:
-        if not self._enabled:
-            self._ready.set()
-            return
-        try:
-            await asyncio.to_thread(self.worker.load)
-            self._state = "ready"
-        except ModelLoadError as exc:
-            self._state, self._detail = "unavailable", str(exc)
-            log.error("%s skill unavailable: %s", self.name, exc)
-        except Exception as exc:  # noqa: BLE001 - the server keeps serving without this skill
-            self._state = "unavailable"
-            self._detail = f"{self.name} model failed to start: {exc}; check {self.worker.options.setting}"
-            log.exception("%s skill failed to start", self.name)
-        finally:
-            self._ready.set()
-
-    async def stop(self) -> None:
-        await self.worker.aclose()
-
-    async def wait_ready(self) -> None:
-        await self._ready.wait()
-        if self._state != "ready":
-            raise SkillError(
-                "skill_unavailable",
-                f"the {self.name} skill is {self._state}: "
-                f"{self._detail or f'turned off; set {self.worker.options.setting} and ASSISTANT_LOAD_MODELS'}",
-            )
 
     async def run(self, request: SkillRequest) -> VisionRun:
         if not request.images:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from skills.base import SkillError
 from skills.loading import MODEL_LOAD_LOCK
 
+from skills.lifecycle import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 Task = Literal["caption", "vqa"]
@@ -36,10 +38,6 @@ class VisionWorkerOptions:
     max_new_tokens: int = 40
     max_batch: int = 16  # most images in one generate call
     batch_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the setting to change."""
 
 
 @dataclass

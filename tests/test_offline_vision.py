@@ -19,6 +19,7 @@ from skills.base import SkillRequest
 from skills.offline import prepare as prep
 from skills.offline import vision_engine as ve
 from skills.vision_registry import build_vision_skills
+from skills.vision_worker import VisionWorkerOptions
 from tests.conftest import make_settings
 
 VISION = prep.OFFLINE_MODELS["vision"]
@@ -128,7 +129,7 @@ def test_without_tesseract_ocr_is_reported_unavailable(settings, monkeypatch: py
 
 
 def test_a_batch_is_classified_in_one_forward_pass_and_bad_images_fail_alone(vision_folder: Path) -> None:
-    worker = ve.OfflineVisionWorker(ve.VisionWorkerOptions(model=str(vision_folder), task="vqa", device="cpu",
+    worker = ve.OfflineVisionWorker(VisionWorkerOptions(model=str(vision_folder), task="vqa", device="cpu",
                                                            batch_wait_ms=200))  # fmt: skip
     worker.load()
 
@@ -145,7 +146,7 @@ def test_a_batch_is_classified_in_one_forward_pass_and_bad_images_fail_alone(vis
 
 
 def test_folder_that_is_not_prepared_leaves_the_skill_unavailable_with_the_fix(tmp_path: Path) -> None:
-    worker = ve.OfflineVisionWorker(ve.VisionWorkerOptions(model=str(tmp_path / VISION.folder), task="caption"))
+    worker = ve.OfflineVisionWorker(VisionWorkerOptions(model=str(tmp_path / VISION.folder), task="caption"))
     with pytest.raises(ve.ModelLoadError, match="models prepare --profile offline --skills vision"):
         worker.load()
 
@@ -195,6 +196,6 @@ def test_interrupted_conversion_is_never_loaded(tmp_path: Path, vision_folder: P
         prep.prepare(models, empty_cache, ["vision"])
     assert not leftover.exists()
     # and a server pointed at the half folder reports the vision skill unavailable, with the fix
-    worker = ve.OfflineVisionWorker(ve.VisionWorkerOptions(model=str(half), task="caption"))
+    worker = ve.OfflineVisionWorker(VisionWorkerOptions(model=str(half), task="caption"))
     with pytest.raises(ve.ModelLoadError, match="not a prepared offline vision folder"):
         worker.load()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import Client, free_port
 from websockets.asyncio.client import connect

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from skills.base import SkillError
-from skills.vision_worker import ModelLoadError, VisionWorker, VisionWorkerOptions
+from skills.lifecycle import ModelLoadError
+from skills.vision_worker import VisionWorker
 
 log = logging.getLogger(__name__)
 
