@@ -78,6 +78,18 @@ def reachable(host: str, timeout: float = 2.0) -> bool:
         return False
 
 
+class _Probe:
+    """Asks each host at most once per resolution."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, bool] = {}
+
+    def __call__(self, host: str) -> bool:
+        if host not in self.results:
+            self.results[host] = reachable(host)
+        return self.results[host]
+
+
 def hub_cached(repo_id: str) -> bool:
     if looks_local(repo_id):
         return False
@@ -94,7 +106,7 @@ def whisper_cached(name: str) -> bool:
     return (root / f"{name}.pt").is_file()
 
 
-def _choose(settings: Settings, skill: str, configured: str, cached: bool, host: str) -> SkillModel:
+def _choose(settings: Settings, skill: str, configured: str, cached: bool, host: str, probe: _Probe) -> SkillModel:
     if looks_local(configured):
         return SkillModel(skill, "local", configured, "a local path from settings")
     if settings.model_profile == "offline":
@@ -102,7 +114,7 @@ def _choose(settings: Settings, skill: str, configured: str, cached: bool, host:
         return SkillModel(skill, "offline", str(offline_path(settings, skill)), note)
     if settings.model_profile == "standard" or cached:
         return SkillModel(skill, "standard", configured, "cached" if cached else "")
-    if reachable(host):
+    if probe(host):
         return SkillModel(skill, "standard", configured, "model hub reachable")
     if offline_ready(settings, skill):
         return SkillModel(skill, "offline", str(offline_path(settings, skill)), "no model hub reachable")
@@ -112,18 +124,21 @@ def _choose(settings: Settings, skill: str, configured: str, cached: bool, host:
 def resolve_models(settings: Settings) -> tuple[Settings, ModelPlan]:
     """Settings with each skill's model resolved for the profile, and the plan that says why."""
     plan = ModelPlan(profile=settings.model_profile)
-    chat = _choose(settings, "chat", settings.chat_model, hub_cached(settings.chat_model), HUB_HOST)
+    probe = _Probe()
+    chat = _choose(settings, "chat", settings.chat_model, hub_cached(settings.chat_model), HUB_HOST, probe)
     plan.skills["chat"] = chat
     updates: dict[str, object] = {"chat_model": chat.model}
     speech_name = getattr(settings, "speech_model", None)
     if speech_name:
-        speech = _choose(settings, "speech", speech_name, whisper_cached(speech_name), WHISPER_HOST)
+        speech = _choose(settings, "speech", speech_name, whisper_cached(speech_name), WHISPER_HOST, probe)
         plan.skills["speech"] = speech
         updates["speech_model"] = speech.model
     for skill, key in (("caption", "caption_model"), ("vqa", "vqa_model")):
         name = getattr(settings, key, None)
         if name:  # empty: the skill is turned off
-            choice = _choose(settings, "vision", name, hub_cached(name), HUB_HOST)
+            choice = _choose(settings, "vision", name, hub_cached(name), HUB_HOST, probe)
             plan.skills[skill] = SkillModel(skill, choice.source, choice.model, choice.note)
             updates[key] = choice.model
+    if probe.results.get(HUB_HOST) is False:
+        updates["hub_offline"] = True  # loading by name would only retry an unreachable hub
     return settings.model_copy(update=updates), plan

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     model_profile: Literal["auto", "standard", "offline"] = "auto"
     # Where prepared offline models live (default: <data_dir>/models).
     models_dir: Path | None = None
+    # Load transformers models from local files only, never asking a model hub (which otherwise
+    # retries for about a minute per file when unreachable). The auto profile turns this on when it
+    # finds no hub reachable.
+    hub_offline: bool = False
 
     # --- chat model ---
     # A hub name or a local folder holding a transformers model and tokenizer with a chat template.

@@ -38,6 +38,7 @@ class ChatWorkerOptions:
     kv_blocks: int | None = None  # KV-cache pages (None: library picks from free memory)
     kv_page_size: int = 256
     max_batch_tokens: int | None = None
+    local_files_only: bool = False  # never ask a model hub (set when none is reachable)
 
 
 def _resolve_device(torch: Any, device: str) -> str:
@@ -75,8 +76,9 @@ class ChatWorker:
 
     def load(self) -> None:
         try:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+            with MODEL_LOAD_LOCK:  # transformers' lazy imports race when two loaders start together
+                import torch
+                from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
         except ImportError as exc:  # pragma: no cover - the project's install pulls these in
             raise ModelLoadError(f"torch/transformers are not installed ({exc}); run: pip install -e .") from exc
 
@@ -90,9 +92,10 @@ class ChatWorker:
                 "transformers model and tokenizer, or to a hub name this machine can reach"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(opts.model)
+            local = {"local_files_only": True} if opts.local_files_only else {}
+            tokenizer = AutoTokenizer.from_pretrained(opts.model, **local)
             with MODEL_LOAD_LOCK:  # other skills load models in other threads; see skills/loading.py
-                model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype, **local)
         except Exception as exc:  # noqa: BLE001 - every loading failure gets the same advice
             raise ModelLoadError(
                 f"could not load chat model {opts.model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "

@@ -26,6 +26,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
             kv_blocks=settings.chat_kv_blocks,
             kv_page_size=settings.chat_kv_page_size,
             max_batch_tokens=settings.chat_max_batch_tokens,
+            local_files_only=settings.hub_offline,
         ),
         system_prompt=settings.chat_system_prompt or None,
         context_tokens=settings.chat_context_tokens,

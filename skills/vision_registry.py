@@ -33,6 +33,7 @@ def build_vision_skills(settings: Settings) -> dict[str, Skill]:
             max_new_tokens=settings.vision_max_new_tokens,
             max_batch=settings.vision_batch_size,
             batch_wait_ms=settings.vision_batch_wait_ms,
+            local_files_only=settings.hub_offline,
         )
         skill = cls(options, enabled=settings.load_models)
         if is_offline_vision_folder(model) or Path(model).name == OFFLINE_FOLDER:  # classifier + OCR + colours

@@ -38,6 +38,7 @@ class VisionWorkerOptions:
     max_new_tokens: int = 40
     max_batch: int = 16  # most images in one generate call
     batch_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    local_files_only: bool = False  # never ask a model hub (set when none is reachable)
 
 
 @dataclass
@@ -63,8 +64,9 @@ class VisionWorker:
 
     def load(self) -> None:
         try:
-            import torch
-            from transformers import AutoModelForImageTextToText, AutoModelForVisualQuestionAnswering, AutoProcessor
+            with MODEL_LOAD_LOCK:  # transformers' lazy imports race when two loaders start together
+                import torch
+                from transformers import AutoModelForImageTextToText, AutoModelForVisualQuestionAnswering, AutoProcessor
         except ImportError as exc:  # pragma: no cover - the project's install pulls these in
             raise ModelLoadError(f"torch/transformers are not installed ({exc}); run: pip install -e .") from exc
         opts = self.options
@@ -87,9 +89,10 @@ class VisionWorker:
         try:
             # The processor first, outside the lock: an unreachable hub fails here without holding
             # up the other skills' loads.
-            processor = AutoProcessor.from_pretrained(opts.model)
+            local = {"local_files_only": True} if opts.local_files_only else {}
+            processor = AutoProcessor.from_pretrained(opts.model, **local)
             with MODEL_LOAD_LOCK:  # see skills/loading.py
-                model = auto.from_pretrained(opts.model, dtype=dtype).to(device).eval()
+                model = auto.from_pretrained(opts.model, dtype=dtype, **local).to(device).eval()
         except Exception as exc:  # noqa: BLE001 - every loading failure gets the same advice
             raise ModelLoadError(
                 f"could not load {opts.task} model {opts.model!r}: {type(exc).__name__}: "
