@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import LiveServer, make_settings, start_server, ws_client
+from tests.conftest import LiveServer, ws_client
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory, offline_models: Path) -> Iterator[LiveServer]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("real"),
-        Path("unused"),
-        chat_model="HuggingFaceTB/SmolLM2-135M-Instruct",  # a hub name: the offline profile replaces it
-        model_profile="offline",
-        models_dir=offline_models,
-        chat_max_new_tokens=48,
-        chat_kv_blocks=None,
-        chat_kv_page_size=64,
-        chat_max_batch_tokens=None,
-    )
-    live = start_server(settings)
-    yield live
-    live.stop()
 
 
 def test_health_announces_the_offline_profile(real_server: LiveServer) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import LiveServer, make_settings, start_server
+from tests.conftest import LiveServer
 
 SENTENCE = "Can you describe the picture I just uploaded?"
 
@@ -34,37 +32,20 @@ def test_word_errors() -> None:
     assert word_errors(words("a b c"), words("a x c d")) == 2
 
 
-@pytest.fixture(scope="module")
-def speech_server(tmp_path_factory: pytest.TempPathFactory, offline_models: Path) -> Iterator[LiveServer]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("real-speech"),
-        Path("unused"),
-        chat_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        model_profile="offline",
-        models_dir=offline_models,
-        chat_kv_blocks=None,
-        chat_kv_page_size=64,
-        chat_max_batch_tokens=None,
-        chat_max_new_tokens=16,
-        speech_model="base",  # a standard name: the offline profile replaces it
-    )
-    live = start_server(settings)
-    yield live
-    live.stop()
 
 
 def test_a_spoken_sentence_is_transcribed_with_at_most_two_word_errors(
-    speech_server: LiveServer, tmp_path: Path
+    real_server: LiveServer, tmp_path: Path
 ) -> None:
-    health = httpx.get(f"{speech_server.http}/healthz").json()
+    health = httpx.get(f"{real_server.http}/healthz").json()
     assert health["models"]["speech"]["source"] == "offline" and health["skills"]["speech"]["state"] == "ready"
     wav = tmp_path / "spoken.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True, timeout=30)
-    h = {"Authorization": f"Bearer {speech_server.token('alice')}"}
-    sid = httpx.post(f"{speech_server.http}/v1/sessions", headers=h, json={}).json()["id"]
+    h = {"Authorization": f"Bearer {real_server.token('alice')}"}
+    sid = httpx.post(f"{real_server.http}/v1/sessions", headers=h, json={}).json()["id"]
     with open(wav, "rb") as fh:
         res = httpx.post(
-            f"{speech_server.http}/v1/sessions/{sid}/audio",
+            f"{real_server.http}/v1/sessions/{sid}/audio",
             headers=h,
             params={"review": "true"},
             files={"file": ("spoken.wav", fh, "audio/wav")},
