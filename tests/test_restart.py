@@ -53,6 +53,15 @@ def serve(tmp: Path, model: str, port: int, **env: str) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
+def shut_down(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as an operator would; kill only if it does not exit."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def token_cli(tmp: Path) -> str:
     env = {**os.environ, "ASSISTANT_DATABASE_URL": f"sqlite:///{tmp / 'assistant.db'}"}
     out = subprocess.run(
@@ -135,11 +144,7 @@ def test_crash_mid_stream_then_restart_keeps_history_and_marks_the_turn_interrup
 
         asyncio.run(after_restart())
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        shut_down(proc)
 
 
 def test_a_missing_model_leaves_the_server_up_and_says_which_setting_to_change(tmp_path: Path) -> None:
@@ -163,8 +168,4 @@ def test_a_missing_model_leaves_the_server_up_and_says_which_setting_to_change(t
 
         asyncio.run(go())
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        shut_down(proc)

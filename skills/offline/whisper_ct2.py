@@ -91,6 +91,17 @@ def _qkv(sd: dict, dst: str, weight: np.ndarray, bias: np.ndarray, parts: tuple[
             sd[f"{dst}.{name}.bias"] = b
 
 
+def _block(sd: dict, dst: str, v: dict, src: str) -> None:
+    """What encoder and decoder blocks share: self-attention (fused q/k/v split) and the MLP."""
+    att = f"{src}/self_attention"
+    _qkv(sd, f"{dst}.attn", v[f"{att}/linear_0/weight"], v[f"{att}/linear_0/bias"], ("query", "key", "value"))
+    _lin(sd, f"{dst}.attn.out", v, f"{att}/linear_1")
+    _ln(sd, f"{dst}.attn_ln", v, f"{att}/layer_norm")
+    _lin(sd, f"{dst}.mlp.0", v, f"{src}/ffn/linear_0")
+    _lin(sd, f"{dst}.mlp.2", v, f"{src}/ffn/linear_1")
+    _ln(sd, f"{dst}.mlp_ln", v, f"{src}/ffn/layer_norm")
+
+
 def convert(v: dict[str, np.ndarray]) -> dict[str, Any]:
     """Map CTranslate2 variables to openai-whisper's ``dims`` and state dict (numpy arrays)."""
     enc_layers, dec_layers = _layers(v, "encoder"), _layers(v, "decoder")
@@ -112,31 +123,19 @@ def convert(v: dict[str, np.ndarray]) -> dict[str, Any]:
     _lin(sd, "encoder.conv2", v, "encoder/conv2")
     sd["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
     for i in range(enc_layers):
-        src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        att = f"{src}/self_attention"
-        _qkv(sd, f"{dst}.attn", v[f"{att}/linear_0/weight"], v[f"{att}/linear_0/bias"], ("query", "key", "value"))
-        _lin(sd, f"{dst}.attn.out", v, f"{att}/linear_1")
-        _ln(sd, f"{dst}.attn_ln", v, f"{att}/layer_norm")
-        _lin(sd, f"{dst}.mlp.0", v, f"{src}/ffn/linear_0")
-        _lin(sd, f"{dst}.mlp.2", v, f"{src}/ffn/linear_1")
-        _ln(sd, f"{dst}.mlp_ln", v, f"{src}/ffn/layer_norm")
+        _block(sd, f"encoder.blocks.{i}", v, f"encoder/layer_{i}")
     _ln(sd, "encoder.ln_post", v, "encoder/layer_norm")
 
     sd["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
     sd["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
     for i in range(dec_layers):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        att, cross = f"{src}/self_attention", f"{src}/attention"
-        _qkv(sd, f"{dst}.attn", v[f"{att}/linear_0/weight"], v[f"{att}/linear_0/bias"], ("query", "key", "value"))
-        _lin(sd, f"{dst}.attn.out", v, f"{att}/linear_1")
-        _ln(sd, f"{dst}.attn_ln", v, f"{att}/layer_norm")
+        _block(sd, dst, v, src)
+        cross = f"{src}/attention"
         _lin(sd, f"{dst}.cross_attn.query", v, f"{cross}/linear_0")
         _qkv(sd, f"{dst}.cross_attn", v[f"{cross}/linear_1/weight"], v[f"{cross}/linear_1/bias"], ("key", "value"))
         _lin(sd, f"{dst}.cross_attn.out", v, f"{cross}/linear_2")
         _ln(sd, f"{dst}.cross_attn_ln", v, f"{cross}/layer_norm")
-        _lin(sd, f"{dst}.mlp.0", v, f"{src}/ffn/linear_0")
-        _lin(sd, f"{dst}.mlp.2", v, f"{src}/ffn/linear_1")
-        _ln(sd, f"{dst}.mlp_ln", v, f"{src}/ffn/layer_norm")
     _ln(sd, "decoder.ln", v, "decoder/layer_norm")
     return {"dims": dims, "model_state_dict": sd}
 
