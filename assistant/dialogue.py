@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant import protocol as p
+from assistant.delta_writer import DeltaWriter
 from assistant.metrics import Metrics
 from assistant.image_context import image_bytes, image_context, turn_attachments
 from assistant.router import SessionState, TurnRequest, UnknownSkill, route
@@ -95,6 +96,7 @@ class DialogueManager:
         self.metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._runners: dict[str, _SessionRunner] = {}
+        self._deltas = DeltaWriter(sessions, self._fan_out)
         metrics.queued.set_function(lambda: sum(len(r.queue) for r in self._runners.values()))
         metrics.running.set_function(lambda: sum(1 for r in self._runners.values() if r.current is not None))
 
@@ -119,9 +121,12 @@ class DialogueManager:
             if change is not None:
                 change(db)
             seq = store.append_event(db, session_id=session_id, event_type=event.type, payload_for_seq=payload)  # type: ignore[attr-defined]
+        self._fan_out(session_id, frame)
+        return seq
+
+    def _fan_out(self, session_id: str, frame: str) -> None:
         for sub in list(self._subscribers.get(session_id, ())):
             sub.deliver(frame)
-        return seq
 
     def _owned(self, db: Session, user_id: str, session_id: str) -> ChatSession:
         sess = store.get_session(db, session_id=session_id, user_id=user_id)
@@ -435,19 +440,16 @@ class DialogueManager:
             raise SkillError("attachment_not_found", f"the bytes of image {attachment_id!r} are missing") from None
 
     async def _stream(self, turn: _Turn, run: SkillRun, skill: str, started: float) -> None:
-        """Forward deltas as coalesced frames; the reply text in the DB grows with each frame."""
+        """Forward deltas as coalesced frames; the reply text in the DB grows with each frame (written
+        by the group-commit ``DeltaWriter`` together with every other stream's frames)."""
         text, pending, last_flush, first = "", "", 0.0, True
         interval = self.settings.delta_flush_interval
 
-        def flush() -> None:
+        async def flush() -> None:
             nonlocal pending, last_flush
             chunk, pending, last_flush = pending, "", time.monotonic()
-            snapshot = text
-            self._publish(
-                turn.session_id,
-                p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk),
-                lambda db: store.update_reply(db, message_id=turn.reply_id, text=snapshot),
-            )
+            event = p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk)
+            await self._deltas.write(event, reply_id=turn.reply_id, text=text)
 
         async for delta in run:
             if turn.cancelled:
@@ -463,9 +465,9 @@ class DialogueManager:
             turn.partial = text
             pending += delta
             if time.monotonic() - last_flush >= interval:
-                flush()
+                await flush()
         if pending:
-            flush()
+            await flush()
 
     def _finish(
         self,

@@ -24,6 +24,12 @@ class Metrics:
         self.turn_seconds = Histogram(
             "assistant_turn_duration_seconds", "Turn duration", ["skill"], registry=r
         )
+        self.loop_lag = Histogram(
+            "assistant_event_loop_lag_seconds",
+            "How late the event loop ran a 50 ms timer (time something blocked the loop)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
         self.running = Gauge("assistant_running_turns", "Turns running now", registry=r)
         self.queued = Gauge("assistant_queued_turns", "Turns waiting behind another in their session", registry=r)
         self.skill_ready = Gauge("assistant_skill_ready", "1 when the skill can serve", ["skill"], registry=r)

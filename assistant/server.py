@@ -16,6 +16,7 @@ from assistant import __version__
 from assistant.asyncapi import build_asyncapi
 from assistant.audio_routes import router as audio_router
 from assistant.dialogue import DialogueManager
+from assistant.loop_lag import watch_loop_lag
 from assistant.metrics import Metrics
 from assistant.profiles import resolve_models
 from assistant.protocol import PROTOCOL_VERSION, SkillState
@@ -61,9 +62,11 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             url = f"http://{settings.host}:{settings.port}/#token={token}"
             print(f"\n  First start: created user {settings.bootstrap_user!r}. Open {url}\n", flush=True)
         loaders = [asyncio.create_task(s.start()) for s in skill_map.values()]
+        lag_probe = asyncio.create_task(watch_loop_lag(metrics.loop_lag))
         try:
             yield
         finally:
+            lag_probe.cancel()
             await app.state.dialogue.shutdown()
             for t in loaders:
                 t.cancel()

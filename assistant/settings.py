@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     chat_kv_blocks: int | None = None
     chat_kv_page_size: int = 256
     chat_max_batch_tokens: int | None = None
+    # CUDA graphs for the continuous-batching forward passes (None: the library decides; it turns
+    # them off when the attention needs a mask, as SDPA does) and torch.compile level 0-3 (0 = off).
+    chat_cuda_graphs: bool | None = None
+    chat_compile_level: int = 0
     # Load models at start-up; tests may turn this off to start with no skill.
     load_models: bool = True
 

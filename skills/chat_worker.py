@@ -38,6 +38,8 @@ class ChatWorkerOptions:
     kv_blocks: int | None = None  # KV-cache pages (None: library picks from free memory)
     kv_page_size: int = 256
     max_batch_tokens: int | None = None
+    cuda_graphs: bool | None = None  # CUDA graphs for the forward passes (None: the library decides)
+    compile_level: int = 0  # torch.compile level for the forward passes, 0-3 (0: eager)
     local_files_only: bool = False  # never ask a model hub (set when none is reachable)
 
 
@@ -132,6 +134,8 @@ class ChatWorker:
             page_size=opts.kv_page_size,
             max_batch_tokens=opts.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
             auto_switch_to_flash=device.startswith("cuda"),
+            use_cuda_graph=opts.cuda_graphs if device.startswith("cuda") else False,
+            default_compile_level=opts.compile_level,
         )
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
         model.register_forward_pre_hook(self._on_step)

@@ -26,6 +26,8 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
             kv_blocks=settings.chat_kv_blocks,
             kv_page_size=settings.chat_kv_page_size,
             max_batch_tokens=settings.chat_max_batch_tokens,
+            cuda_graphs=settings.chat_cuda_graphs,
+            compile_level=settings.chat_compile_level,
             local_files_only=settings.hub_offline,
         ),
         system_prompt=settings.chat_system_prompt or None,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from state.models import ChatSession, Event, Message, Token, User, utcnow
@@ -173,6 +173,47 @@ def append_event(db: Session, *, session_id: str, event_type: str, payload_for_s
         raise LookupError(f"session {session_id} does not exist")
     db.add(Event(session_id=session_id, seq=seq, type=event_type, payload=payload_for_seq(seq)))
     return seq
+
+
+# Core statements for the streaming hot path (built once; bypass the ORM's per-call work).
+_sessions_t, _events_t, _messages_t = ChatSession.__table__, Event.__table__, Message.__table__
+_BUMP_SEQ = (
+    update(_sessions_t)
+    .where(_sessions_t.c.id == bindparam("sid"))
+    .values(last_seq=_sessions_t.c.last_seq + bindparam("n"))
+    .returning(_sessions_t.c.last_seq)
+)
+_SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
+
+
+def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], str]]]) -> list[str]:
+    """Log many events at once (group commit): ``(session_id, event_type, payload_for_seq)`` each,
+    in order; one seq update per session and one multi-row insert. Returns the payloads."""
+    conn = db.connection()
+    counts: dict[str, int] = {}
+    for session_id, _, _ in events:
+        counts[session_id] = counts.get(session_id, 0) + 1
+    next_seq: dict[str, int] = {}
+    for session_id, n in counts.items():
+        last = conn.execute(_BUMP_SEQ, {"sid": session_id, "n": n}).scalar()
+        if last is None:
+            raise LookupError(f"session {session_id} does not exist")
+        next_seq[session_id] = last - n + 1
+    rows, payloads = [], []
+    now = utcnow()
+    for session_id, event_type, payload_for_seq in events:
+        seq = next_seq[session_id]
+        next_seq[session_id] = seq + 1
+        payloads.append(payload_for_seq(seq))
+        rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": payloads[-1], "created_at": now})
+    conn.execute(insert(_events_t), rows)
+    return payloads
+
+
+def update_reply_texts(db: Session, *, texts: dict[str, str]) -> None:
+    """Set the text of many replies in one executemany."""
+    if texts:
+        db.connection().execute(_SET_TEXT, [{"mid": mid, "body": text} for mid, text in texts.items()])
 
 
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Event]:

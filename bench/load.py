@@ -1,0 +1,182 @@
+"""The load generator: N concurrent websocket sessions as real clients of the documented protocol.
+
+Each client connects, creates a session, waits at a barrier so every turn is sent at once, then
+records when its turn was sent, when each ``response.delta`` frame arrived and what
+``response.done`` reported. Turns still running at ``cap_s`` are cancelled (the naive baseline
+serves one at a time, so its queue would otherwise take minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from websockets.asyncio.client import connect
+
+PROMPT = (
+    "You are helping a small team plan their week. Summarise the following notes into a short list of "
+    "action items with owners and dates, then suggest one improvement to how the team works: "
+    "Monday standup ran long; the release checklist is missing the database backup step; Ana owns the "
+    "billing page; Tom is out Thursday; the design review moved to Friday afternoon."
+)
+
+
+@dataclass
+class Stream:
+    sent: float = 0.0
+    first: float | None = None
+    done: float | None = None
+    frames: list[float] = field(default_factory=list)
+    tokens: int = 0
+    status: str = ""
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[k], 3)
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    return {"p50": pct(values, 50), "p95": pct(values, 95), "max": pct(values, 100)}
+
+
+async def _client(url: str, token: str, text: str, ready: asyncio.Queue, go: asyncio.Event, cap_s: float) -> Stream:
+    st = Stream()
+    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:
+        await ws.recv()  # server.hello
+        await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
+        while (ev := json.loads(await ws.recv()))["type"] != "session.created":
+            pass
+        sid = ev["session_id"]
+        ready.put_nowait(1)
+        await go.wait()
+        st.sent = time.perf_counter()
+        await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": text, "event_id": "t"}))
+        turn_id = None
+        deadline = st.sent + cap_s
+        cancelled = False
+        while True:
+            timeout = deadline - time.perf_counter()
+            if timeout <= 0 and not cancelled and turn_id:
+                cancelled = True
+                await ws.send(json.dumps({"type": "response.cancel", "session_id": sid, "turn_id": turn_id}))
+                timeout = 60
+            try:
+                raw = await asyncio.wait_for(ws.recv(), max(timeout, 0.001))
+            except TimeoutError:
+                continue
+            now = time.perf_counter()
+            if '"response.delta"' in raw[:64]:
+                st.frames.append(now)
+                if st.first is None:
+                    st.first = now
+                continue
+            ev = json.loads(raw)
+            if ev["type"] == "turn.created":
+                turn_id = ev["turn_id"]
+            elif ev["type"] == "error":
+                raise RuntimeError(f"server error: {ev}")
+            elif ev["type"] == "response.done":
+                st.done, st.status = now, ev["status"]
+                st.tokens = int((ev.get("usage") or {}).get("completion_tokens") or 0)
+                return st
+
+
+async def chat_load(url: str, token: str, sessions: int, *, cap_s: float = 600.0, text: str = PROMPT) -> dict:
+    """Run ``sessions`` concurrent turns and measure what the clients saw."""
+    ready: asyncio.Queue = asyncio.Queue()
+    go = asyncio.Event()
+    tasks = [asyncio.create_task(_client(url, token, text, ready, go, cap_s)) for _ in range(sessions)]
+    for _ in range(sessions):
+        await ready.get()
+    go.set()
+    streams: list[Stream] = await asyncio.gather(*tasks)
+    return stream_stats(streams, cap_s)
+
+
+def stream_stats(streams: list[Stream], cap_s: float) -> dict:
+    start = min(s.sent for s in streams)
+    end = max(s.done or s.sent for s in streams)
+    wall = end - start
+    tokens = sum(s.tokens for s in streams)
+    frames = sum(len(s.frames) for s in streams)
+    # A turn that never streamed before the cap counts with the cap as its TTFT (a lower bound).
+    ttft = [((s.first if s.first is not None else s.sent + cap_s) - s.sent) * 1000 for s in streams]
+    tpot = [(s.done - s.first) * 1000 / (s.tokens - 1) for s in streams if s.first and s.done and s.tokens > 1]
+    gaps = [(b - a) * 1000 for s in streams for a, b in zip(s.frames, s.frames[1:])]
+    return {
+        "sessions": len(streams),
+        "completed": sum(s.status == "completed" for s in streams),
+        "cancelled_at_cap": sum(s.status == "cancelled" for s in streams),
+        "never_started": sum(s.first is None for s in streams),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "per_stream_tokens_per_s": summary([1000 / t for t in tpot]) if tpot else None,
+        "ttft_ms": summary(ttft),
+        "tpot_ms": summary(tpot),
+        "frame_gap_ms": summary(gaps),
+        "frames": frames,
+        "frames_per_s": round(frames / wall, 1) if wall > 0 else None,
+        "tokens_per_frame": round(tokens / frames, 2) if frames else None,
+    }
+
+
+async def idle_sessions(url: str, token: str, n: int, hold_s: float = 1.0) -> list:
+    """Open ``n`` websocket sessions (connected, one chat session each) and keep them open; returns
+    the open connections (close them with ``close_all``)."""
+    sem = asyncio.Semaphore(64)
+
+    async def one() -> object:
+        async with sem:
+            ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None)
+            await ws.recv()
+            await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
+            while json.loads(await ws.recv())["type"] != "session.created":
+                pass
+            return ws
+
+    conns = await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.sleep(hold_s)
+    return list(conns)
+
+
+async def close_all(conns: list) -> None:
+    await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+
+def loop_lag(http: str) -> dict[str, float]:
+    """Cumulative event-loop lag histogram from the server's /metrics: {upper bound (s): count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{http}/metrics", timeout=30).text):
+        if fam.name == "assistant_event_loop_lag_seconds":
+            for s in fam.samples:
+                if s.name.endswith("_bucket"):
+                    out[s.labels["le"]] = s.value
+    return out
+
+
+def lag_between(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Summarise the probes taken between two scrapes: count, share over 25 ms, and the bucket that
+    holds the 99th percentile."""
+    diff = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = diff.get("+Inf", 0)
+    if not total:
+        return {"probes": 0}
+    bounds = sorted((float(le), n) for le, n in diff.items())
+    p99 = next(le for le, n in bounds if n >= 0.99 * total)
+    over = total - diff.get("0.025", 0)
+    return {"probes": int(total), "p99_ms_at_most": None if p99 == float("inf") else p99 * 1000, "share_over_25ms": round(over / total, 4)}
+
+
+def mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 3) if values else None

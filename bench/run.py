@@ -1,0 +1,265 @@
+"""The benchmark harness: our server against the naive baseline, in one run, through the websocket.
+
+    .venv/bin/python bench/run.py --profile cpu-smoke     # tiny model on CPU: proves the harness (CI)
+    python3 bench/run.py --profile gpu                    # Qwen2.5-0.5B-shaped model on one GPU
+
+Starts each server as its own process (``bench/serve.py``) on loopback and drives it with
+``bench/load.py``:
+  * chat: for each concurrency, N sessions each send one turn at once; time to first token, time
+    per output token, frame gaps (p50/p95) and aggregate tokens/s, for our server (transformers
+    continuous batching, in one or more configurations) and the naive baseline (same model behind a
+    lock, one eager ``generate`` at a time); ratios ours/naive are taken within this run;
+  * web process: frames/s with a model-free skill that streams as fast as the loop runs, and
+    resident memory per idle session with --idle sessions open;
+  * event-loop lag during every chat run (the server's own probe, from /metrics);
+  * speech and vision: ``bench/speech_rtf.py`` and ``bench/vision_batching.py`` (profile gpu, or
+    --with-media).
+Writes JSON (``--out``) and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import load  # noqa: E402
+from bench.serve import raise_fd_limit  # noqa: E402
+
+PROFILES: dict[str, dict] = {
+    "cpu-smoke": dict(
+        shape="tiny", device="cpu", max_new_tokens=16, concurrency=[1, 4], naive_cap_s=30.0,
+        variants={"ours": []}, flood_sessions=8, flood_words=50, idle=50, media=False,
+    ),
+    "gpu": dict(
+        shape="qwen2.5-0.5b", device="cuda", max_new_tokens=256, concurrency=[1, 16, 64, 256], naive_cap_s=20.0,
+        variants={"ours": [], "ours-cuda-graphs": ["--cuda-graphs", "on"]},
+        flood_sessions=64, flood_words=400, idle=1000, media=True,
+    ),
+}
+
+
+class ServerProcess:
+    def __init__(self, name: str, args: list[str], workdir: Path, port: int, timeout: float = 900) -> None:
+        self.name, self.port, self.workdir = name, port, workdir
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/v1/ws"
+        self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "bench.serve", "--port", str(port), "--workdir", str(workdir / name), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready(timeout)
+        self.token = (workdir / name / "token").read_text()
+        self.pid = self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited; see {self.log.name}:\n{self.tail()}")
+            try:
+                skills = httpx.get(f"{self.http}/healthz", timeout=5).json()["skills"]
+                states = {k: v["state"] for k, v in skills.items()}
+                if all(s != "loading" for s in states.values()):
+                    if any(s == "unavailable" for s in states.values()):
+                        raise RuntimeError(f"{self.name}: skills {skills}\n{self.tail()}")
+                    return
+            except (httpx.HTTPError, KeyError):
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} server not ready in {timeout} s\n{self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return "".join(Path(self.log.name).read_text().splitlines(keepends=True)[-30:])
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat_runs(srv: ServerProcess, concurrency: list[int], cap_s: float) -> dict:
+    asyncio.run(load.chat_load(srv.ws, srv.token, 1))  # warm-up (kernels, graphs, allocator)
+    asyncio.run(load.chat_load(srv.ws, srv.token, min(8, max(concurrency))))
+    out = {}
+    for n in concurrency:
+        before = load.loop_lag(srv.http)
+        stats = asyncio.run(load.chat_load(srv.ws, srv.token, n, cap_s=cap_s))
+        stats["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
+        out[str(n)] = stats
+        print(f"  {srv.name:>18} x{n:<4} {stats['tokens_per_s']} tok/s  ttft p50 {stats['ttft_ms']['p50']} ms "
+              f"p95 {stats['ttft_ms']['p95']} ms  tpot p50 {stats['tpot_ms']['p50']} ms", flush=True)
+    return out
+
+
+def web_process(workdir: Path, sessions: int, words: int, idle: int) -> dict:
+    srv = ServerProcess("flood", ["--mode", "flood", "--flood-words", str(words), "--flush-interval", "0"], workdir, free_port())
+    try:
+        asyncio.run(load.chat_load(srv.ws, srv.token, 2))
+        before = load.loop_lag(srv.http)
+        flood = asyncio.run(load.chat_load(srv.ws, srv.token, sessions))
+        flood["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
+
+        async def hold() -> dict:
+            rss0 = srv.rss()
+            conns = await load.idle_sessions(srv.ws, srv.token, idle)
+            rss1 = srv.rss()
+            await load.close_all(conns)
+            return {"sessions": idle, "rss_before_mib": round(rss0 / 2**20, 1), "rss_after_mib": round(rss1 / 2**20, 1),
+                    "kib_per_idle_session": round((rss1 - rss0) / 1024 / idle, 1)}
+
+        idle_stats = asyncio.run(hold())
+    finally:
+        srv.stop()
+    print(f"  web process: {flood['frames_per_s']} frames/s; {idle_stats['kib_per_idle_session']} KiB per idle session", flush=True)
+    return {"flood": flood, "idle": idle_stats}
+
+
+def media(device: str, out_dir: Path) -> dict:
+    """Speech and vision through their own benchmarks (same model and inputs, batched vs not)."""
+    results = {}
+    jobs = {
+        "speech": ["bench/speech_rtf.py", "--dims", "base", "--streams", "16", "--device", device],
+        "vision": ["bench/vision_batching.py", "--shape", "blip-base", "--requests", "32", "--batch-size", "32",
+                   "--device", device],
+    }
+    for name, cmd in jobs.items():
+        path = out_dir / f"{name}.json"
+        proc = subprocess.run([sys.executable, *cmd, "--out", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if proc.returncode:
+            results[name] = {"error": proc.stderr[-2000:]}
+        else:
+            results[name] = json.loads(path.read_text())
+        print(f"  {name}: done ({'error' if proc.returncode else 'ok'})", flush=True)
+    return results
+
+
+def ratios(chat: dict, baseline: str = "naive") -> dict:
+    out: dict = {}
+    for variant, runs in chat.items():
+        if variant == baseline:
+            continue
+        for n, stats in runs.items():
+            base = chat[baseline].get(n)
+            if base and base["tokens_per_s"] and stats["tokens_per_s"]:
+                out.setdefault(variant, {})[n] = {
+                    "tokens_per_s": round(stats["tokens_per_s"] / base["tokens_per_s"], 2),
+                    "ttft_p50": round(base["ttft_ms"]["p50"] / stats["ttft_ms"]["p50"], 2),
+                }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu-smoke")
+    ap.add_argument("--model", type=Path, help="chat model folder (default: build a random-weight one)")
+    ap.add_argument("--concurrency", type=int, nargs="*", help="sessions per chat run (overrides the profile)")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--only", nargs="*", default=["chat", "web", "media"], choices=["chat", "web", "media"])
+    ap.add_argument("--with-media", action="store_true", help="run the speech and vision benchmarks too")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    prof = dict(PROFILES[args.profile])
+    if args.concurrency:
+        prof["concurrency"] = args.concurrency
+    if args.max_new_tokens:
+        prof["max_new_tokens"] = args.max_new_tokens
+    out = args.out or ROOT / "bench" / "results" / f"load_{args.profile}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raise_fd_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    result: dict = {
+        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+        "profile": args.profile,
+        "settings": {k: v for k, v in prof.items() if k != "variants"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        result["machine"]["gpu"] = torch.cuda.get_device_name(0)
+    result["machine"]["torch"] = torch.__version__
+    model = args.model
+    if model is None:
+        from bench.chat_model import build_chat_model
+
+        t = time.perf_counter()
+        model = build_chat_model(workdir / "chat-model", prof["shape"])
+        print(f"built {prof['shape']} chat model in {time.perf_counter() - t:.1f} s", flush=True)
+    common = ["--chat-model", str(model), "--device", prof["device"], "--max-new-tokens", str(prof["max_new_tokens"])]
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    if "chat" in args.only:
+        chat: dict = {}
+        result["chat"] = chat
+        servers = {"naive": ["--mode", "naive"], **{k: ["--mode", "ours", *v] for k, v in prof["variants"].items()}}
+        for name, extra in servers.items():
+            print(f"chat: {name}", flush=True)
+            try:
+                srv = ServerProcess(name, [*common, *extra], workdir, free_port())
+            except RuntimeError as exc:
+                chat[name] = {"error": str(exc)[-3000:]}
+                print(chat[name]["error"], flush=True)
+                continue
+            try:
+                cap = prof["naive_cap_s"] if name == "naive" else 600.0
+                chat[name] = chat_runs(srv, prof["concurrency"], cap)
+                result.setdefault("server_rss_mib", {})[name] = round(srv.rss() / 2**20, 1)
+            except Exception as exc:  # noqa: BLE001 - keep the other variants' results
+                chat[name] = {"error": f"{type(exc).__name__}: {exc}", "log": srv.tail()}
+                print(chat[name], flush=True)
+            finally:
+                srv.stop()
+            save()
+        result["ratios_vs_naive"] = ratios({k: v for k, v in chat.items() if "error" not in v}) if "naive" in chat and "error" not in chat["naive"] else {}
+        save()
+    if "web" in args.only:
+        print("web process", flush=True)
+        result["web_process"] = web_process(workdir, prof["flood_sessions"], prof["flood_words"], prof["idle"])
+        save()
+    if "media" in args.only and (prof["media"] or args.with_media):
+        print("speech and vision", flush=True)
+        result["media"] = media(prof["device"], workdir)
+        save()
+    from bench.plot import plot
+
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(result.get("ratios_vs_naive", {}), indent=2))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
