@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -178,5 +177,74 @@ def lag_between(before: dict[str, float], after: dict[str, float]) -> dict:
     return {"probes": int(total), "p99_ms_at_most": None if p99 == float("inf") else p99 * 1000, "share_over_25ms": round(over / total, 4)}
 
 
-def mean(values: list[float]) -> float | None:
-    return round(statistics.fmean(values), 3) if values else None
+async def _session(ws) -> str:  # noqa: ANN001
+    await ws.recv()  # server.hello
+    await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
+    while (ev := json.loads(await ws.recv()))["type"] != "session.created":
+        pass
+    return ev["session_id"]
+
+
+async def _speech_client(url: str, token: str, pcm: bytes, stop: asyncio.Event, latencies: list[float]) -> None:
+    """Speak ``pcm`` (PCM16, 16 kHz) over and over in review mode (transcripts only, no chat turn)."""
+    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:
+        sid = await _session(ws)
+        while not stop.is_set():
+            await ws.send(json.dumps({"type": "audio.start", "session_id": sid, "review": True}))
+            for i in range(0, len(pcm), 32000):  # one second per frame
+                await ws.send(pcm[i : i + 32000])
+            t = time.perf_counter()
+            await ws.send(json.dumps({"type": "audio.commit", "session_id": sid}))
+            while (ev := json.loads(await ws.recv()))["type"] not in ("transcript.final", "error"):
+                pass
+            if ev["type"] == "error":
+                raise RuntimeError(f"speech error: {ev}")
+            latencies.append((time.perf_counter() - t) * 1000)
+
+
+async def _vision_client(http: str, url: str, token: str, image: bytes, stop: asyncio.Event, latencies: list[float]) -> None:
+    """Upload ``image`` once, then ask for its caption over and over."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        sid = await _session(ws)
+        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+            r = await client.post(f"{http}/v1/sessions/{sid}/attachments", files={"file": ("photo.jpg", image, "image/jpeg")})
+            r.raise_for_status()
+            att = r.json()["id"]
+        while not stop.is_set():
+            t = time.perf_counter()
+            turn = {"type": "turn.create", "session_id": sid, "text": "What is in this picture?", "attachment_ids": [att], "skill": "caption"}
+            await ws.send(json.dumps(turn))
+            while (ev := json.loads(await ws.recv()))["type"] not in ("response.done", "error"):
+                pass
+            if ev["type"] == "error" or ev["status"] != "completed":
+                raise RuntimeError(f"vision turn failed: {ev}")
+            latencies.append((time.perf_counter() - t) * 1000)
+
+
+async def chat_with_media(
+    http: str, url: str, token: str, sessions: int, *, speech_streams: int, vision_streams: int, pcm: bytes, image: bytes
+) -> dict:
+    """``sessions`` chat turns at once while speech and vision clients keep their skills busy."""
+    stop = asyncio.Event()
+    speech_ms: list[float] = []
+    vision_ms: list[float] = []
+    media = [asyncio.create_task(_speech_client(url, token, pcm, stop, speech_ms)) for _ in range(speech_streams)]
+    media += [asyncio.create_task(_vision_client(http, url, token, image, stop, vision_ms)) for _ in range(vision_streams)]
+    deadline = time.perf_counter() + 120
+    while (len(speech_ms) < speech_streams or len(vision_ms) < vision_streams) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)  # every media client has finished one request: the load is steady
+        for task in media:
+            if task.done() and task.exception():
+                raise task.exception()
+    n_speech, n_vision = len(speech_ms), len(vision_ms)
+    chat = await chat_load(url, token, sessions)
+    stop.set()
+    await asyncio.gather(*media)
+    return {
+        "chat": chat,
+        "speech_utterances_during_chat": len(speech_ms) - n_speech,
+        "vision_turns_during_chat": len(vision_ms) - n_vision,
+        "speech_latency_ms": summary(speech_ms),
+        "vision_latency_ms": summary(vision_ms),
+    }

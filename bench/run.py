@@ -42,19 +42,22 @@ from bench.serve import raise_fd_limit  # noqa: E402
 
 PROFILES: dict[str, dict] = {
     "cpu-smoke": dict(
-        shape="tiny", device="cpu", max_new_tokens=16, concurrency=[1, 4], naive_cap_s=30.0,
+        shape="tiny", device="cpu", max_new_tokens=16, concurrency=[1, 4], naive_concurrency=[1, 4], naive_cap_s=30.0, cap_s=120.0,
         variants={"ours": []}, flood_sessions=8, flood_words=50, idle=50, media=False,
+        mixed=dict(sessions=4, speech_streams=1, vision_streams=1, speech_dims="tiny", vision_shape="tiny"),
     ),
     "gpu": dict(
-        shape="qwen2.5-0.5b", device="cuda", max_new_tokens=256, concurrency=[1, 16, 64, 256], naive_cap_s=20.0,
+        shape="qwen2.5-0.5b", device="cuda", max_new_tokens=256, concurrency=[1, 64, 256], naive_concurrency=[1, 64], naive_cap_s=15.0, cap_s=120.0,
         variants={"ours": [], "ours-cuda-graphs": ["--cuda-graphs", "on"]},
         flood_sessions=64, flood_words=400, idle=1000, media=True,
+        mixed=dict(sessions=64, speech_streams=16, vision_streams=16, speech_dims="base", vision_shape="blip-base",
+                   server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP
     ),
 }
 
 
 class ServerProcess:
-    def __init__(self, name: str, args: list[str], workdir: Path, port: int, timeout: float = 900) -> None:
+    def __init__(self, name: str, args: list[str], workdir: Path, port: int, timeout: float = 240) -> None:
         self.name, self.port, self.workdir = name, port, workdir
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}/v1/ws"
@@ -108,9 +111,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat_runs(srv: ServerProcess, concurrency: list[int], cap_s: float) -> dict:
-    asyncio.run(load.chat_load(srv.ws, srv.token, 1))  # warm-up (kernels, graphs, allocator)
-    asyncio.run(load.chat_load(srv.ws, srv.token, min(8, max(concurrency))))
+def chat_runs(srv: ServerProcess, concurrency: list[int], cap_s: float, warm: int) -> dict:
+    for n in sorted({1, warm}):  # warm-up: kernels, graphs, allocator, batch shapes
+        asyncio.run(load.chat_load(srv.ws, srv.token, n, cap_s=cap_s))
     out = {}
     for n in concurrency:
         before = load.loop_lag(srv.http)
@@ -145,6 +148,59 @@ def web_process(workdir: Path, sessions: int, words: int, idle: int) -> dict:
     return {"flood": flood, "idle": idle_stats}
 
 
+def media_inputs() -> tuple[bytes, bytes]:
+    """Three seconds of speech as PCM16 (espeak-ng when installed, else a tone: speed is the same) and
+    a JPEG photograph (scikit-image's cat when installed, else a gradient)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.speech_rtf import make_audio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = make_audio(Path(tmp), 1)[0]
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    try:
+        from skimage import data
+
+        pixels = data.chelsea()
+    except ImportError:
+        pixels = np.tile(np.linspace(0, 255, 640, dtype=np.uint8)[None, :, None], (480, 1, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return pcm, buf.getvalue()
+
+
+def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
+    """Chat time to first token with and without speech and vision load, on one server that runs all
+    three skills (the same server for both runs)."""
+    from bench.speech_rtf import build_model as build_whisper
+    from bench.vision_batching import build_model as build_blip
+
+    models = workdir / "media-models"
+    models.mkdir(exist_ok=True)
+    speech = build_whisper(models, cfg["speech_dims"])
+    caption = build_blip(models / "caption", cfg["vision_shape"], "caption")
+    pcm, image = media_inputs()
+    args = [*common, "--mode", "ours", "--speech-model", str(speech), "--caption-model", str(caption),
+            *cfg.get("server_args", [])]
+    srv = ServerProcess("mixed", args, workdir, free_port())
+    try:
+        ws, tok = srv.ws, srv.token
+        asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
+        alone = asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))
+        loaded = asyncio.run(load.chat_with_media(
+            srv.http, ws, tok, cfg["sessions"], speech_streams=cfg["speech_streams"], vision_streams=cfg["vision_streams"],
+            pcm=pcm, image=image))  # fmt: skip
+    finally:
+        srv.stop()
+    ratio = loaded["chat"]["ttft_ms"]["p95"] / alone["ttft_ms"]["p95"]
+    print(f"  mixed: chat ttft p95 {alone['ttft_ms']['p95']} ms alone, {loaded['chat']['ttft_ms']['p95']} ms with "
+          f"speech and vision load ({ratio:.2f}x)", flush=True)
+    return {"config": cfg, "chat_alone": alone, "with_media": loaded, "ttft_p95_ratio": round(ratio, 3)}
+
+
 def media(device: str, out_dir: Path) -> dict:
     """Speech and vision through their own benchmarks (same model and inputs, batched vs not)."""
     results = {}
@@ -155,12 +211,12 @@ def media(device: str, out_dir: Path) -> dict:
     }
     for name, cmd in jobs.items():
         path = out_dir / f"{name}.json"
-        proc = subprocess.run([sys.executable, *cmd, "--out", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run([sys.executable, *cmd, "--out", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
         if proc.returncode:
             results[name] = {"error": proc.stderr[-2000:]}
         else:
             results[name] = json.loads(path.read_text())
-        print(f"  {name}: done ({'error' if proc.returncode else 'ok'})", flush=True)
+        print(f"  {name}: {time.strftime('%H:%M:%S')} done ({'error' if proc.returncode else 'ok'})", flush=True)
     return results
 
 
@@ -185,9 +241,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="chat model folder (default: build a random-weight one)")
     ap.add_argument("--concurrency", type=int, nargs="*", help="sessions per chat run (overrides the profile)")
     ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--only", nargs="*", default=["chat", "web", "media"], choices=["chat", "web", "media"])
+    ap.add_argument("--only", nargs="*", default=["chat", "web", "mixed", "media"], choices=["chat", "web", "mixed", "media"])
     ap.add_argument("--with-media", action="store_true", help="run the speech and vision benchmarks too")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--logs", type=Path, help="copy the servers' logs here as servers.log")
     args = ap.parse_args()
     prof = dict(PROFILES[args.profile])
     if args.concurrency:
@@ -227,7 +284,7 @@ def main() -> None:
         result["chat"] = chat
         servers = {"naive": ["--mode", "naive"], **{k: ["--mode", "ours", *v] for k, v in prof["variants"].items()}}
         for name, extra in servers.items():
-            print(f"chat: {name}", flush=True)
+            print(f"chat: {name} ({time.strftime('%H:%M:%S')})", flush=True)
             try:
                 srv = ServerProcess(name, [*common, *extra], workdir, free_port())
             except RuntimeError as exc:
@@ -235,8 +292,10 @@ def main() -> None:
                 print(chat[name]["error"], flush=True)
                 continue
             try:
-                cap = prof["naive_cap_s"] if name == "naive" else 600.0
-                chat[name] = chat_runs(srv, prof["concurrency"], cap)
+                if name == "naive":  # one generate at a time: a bounded window is enough to measure it
+                    chat[name] = chat_runs(srv, prof["naive_concurrency"], prof["naive_cap_s"], 1)
+                else:
+                    chat[name] = chat_runs(srv, prof["concurrency"], prof["cap_s"], 16)
                 result.setdefault("server_rss_mib", {})[name] = round(srv.rss() / 2**20, 1)
             except Exception as exc:  # noqa: BLE001 - keep the other variants' results
                 chat[name] = {"error": f"{type(exc).__name__}: {exc}", "log": srv.tail()}
@@ -250,10 +309,22 @@ def main() -> None:
         print("web process", flush=True)
         result["web_process"] = web_process(workdir, prof["flood_sessions"], prof["flood_words"], prof["idle"])
         save()
+    if "mixed" in args.only:
+        print("chat with speech and vision load", flush=True)
+        try:
+            result["mixed"] = mixed(workdir, common, prof["mixed"])
+        except Exception as exc:  # noqa: BLE001 - keep what the other phases measured
+            result["mixed"] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+            print(result["mixed"], flush=True)
+        save()
     if "media" in args.only and (prof["media"] or args.with_media):
         print("speech and vision", flush=True)
         result["media"] = media(prof["device"], workdir)
         save()
+    if args.logs:
+        with open(args.logs / "servers.log", "w") as f:
+            for log in sorted(workdir.glob("*.log")):
+                f.write(f"===== {log.name}\n{log.read_text()[-20000:]}\n")
     from bench.plot import plot
 
     plot(result, out.with_suffix(".png"))

@@ -54,6 +54,7 @@ def main() -> None:
 
     raise_fd_limit()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.INFO)  # its cache sizing and CUDA-graph choices
     args.workdir.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         host="127.0.0.1",
