@@ -201,16 +201,16 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     return {"config": cfg, "chat_alone": alone, "with_media": loaded, "ttft_p95_ratio": round(ratio, 3)}
 
 
-def media(device: str, out_dir: Path) -> dict:
+def media(device: str, out_dir: Path, tag: str, sizes: dict) -> dict:
     """Speech and vision through their own benchmarks (same model and inputs, batched vs not)."""
     results = {}
     jobs = {
-        "speech": ["bench/speech_rtf.py", "--dims", "base", "--streams", "16", "--device", device],
-        "vision": ["bench/vision_batching.py", "--shape", "blip-base", "--requests", "32", "--batch-size", "32",
+        "speech": ["bench/speech_rtf.py", "--dims", sizes["speech_dims"], "--streams", "16", "--device", device],
+        "vision": ["bench/vision_batching.py", "--shape", sizes["vision_shape"], "--requests", "32", "--batch-size", "32",
                    "--device", device],
     }
     for name, cmd in jobs.items():
-        path = out_dir / f"{name}.json"
+        path = out_dir / f"{Path(cmd[0]).stem}_{tag}.json"
         proc = subprocess.run([sys.executable, *cmd, "--out", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
         if proc.returncode:
             results[name] = {"error": proc.stderr[-2000:]}
@@ -268,7 +268,7 @@ def main() -> None:
         result["machine"]["gpu"] = torch.cuda.get_device_name(0)
     result["machine"]["torch"] = torch.__version__
     model = args.model
-    if model is None:
+    if model is None and {"chat", "mixed"} & set(args.only):
         from bench.chat_model import build_chat_model
 
         t = time.perf_counter()
@@ -319,7 +319,7 @@ def main() -> None:
         save()
     if "media" in args.only and (prof["media"] or args.with_media):
         print("speech and vision", flush=True)
-        result["media"] = media(prof["device"], workdir)
+        result["media"] = media(prof["device"], out.parent, args.profile, prof["mixed"])
         save()
     if args.logs:
         with open(args.logs / "servers.log", "w") as f:
