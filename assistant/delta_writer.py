@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,6 +25,7 @@ class _Pending:
     event: p.ResponseDelta
     reply_id: str
     text: str  # the reply's whole text so far
+    first_token_at: datetime | None  # set on a turn's first frame
     done: asyncio.Future
 
 
@@ -35,10 +37,12 @@ class DeltaWriter:
         self._scheduled = False
         self.batches = 0  # transactions written (observability)
 
-    def write(self, event: p.ResponseDelta, *, reply_id: str, text: str) -> asyncio.Future:
+    def write(
+        self, event: p.ResponseDelta, *, reply_id: str, text: str, first_token_at: datetime | None = None
+    ) -> asyncio.Future:
         """Queue ``event``; the future resolves once it is stored and sent."""
         loop = asyncio.get_running_loop()
-        item = _Pending(event, reply_id, text, loop.create_future())
+        item = _Pending(event, reply_id, text, first_token_at, loop.create_future())
         self._pending.append(item)
         if not self._scheduled:
             self._scheduled = True
@@ -60,17 +64,20 @@ class DeltaWriter:
 
         try:
             with self._sessions.begin() as db:
-                frames = store.append_events(
+                logged = store.append_events(
                     db, events=[(it.event.session_id, it.event.type, payload(it.event)) for it in batch]
                 )
                 store.update_reply_texts(db, texts={it.reply_id: it.text for it in batch})
+                for it in batch:
+                    if it.first_token_at is not None:
+                        store.update_reply(db, message_id=it.reply_id, first_token_at=it.first_token_at)
         except Exception as exc:  # noqa: BLE001 - each waiting stream fails its own turn
             for it in batch:
                 if not it.done.done():
                     it.done.set_exception(exc)
             return
         self.batches += 1
-        for it, frame in zip(batch, frames):
+        for it, (_, frame) in zip(batch, logged):
             self._fan_out(it.event.session_id, frame)
             if not it.done.done():
                 it.done.set_result(None)

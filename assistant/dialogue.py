@@ -374,10 +374,12 @@ class DialogueManager:
                     overridden=decision.overridden,
                     attachment_id=decision.attachment_id,
                 ),
+                # Stored as running at once (the routing is in the event log): one transaction, not two.
                 lambda db: store.update_reply(
                     db,
                     message_id=turn.reply_id,
-                    status=p.TurnStatus.routed.value,
+                    status=(p.TurnStatus.routed if turn.cancelled else p.TurnStatus.running).value,
+                    started_at=None if turn.cancelled else utcnow(),
                     skill=decision.skill,
                     route_confidence=decision.confidence,
                     route_reason=decision.reason,
@@ -387,10 +389,6 @@ class DialogueManager:
                 ),
             )
             if not turn.cancelled:
-                with self._db() as db:
-                    store.update_reply(
-                        db, message_id=turn.reply_id, status=p.TurnStatus.running.value, started_at=utcnow()
-                    )
                 request = SkillRequest(
                     turn.session_id,
                     turn.turn_id,
@@ -445,11 +443,14 @@ class DialogueManager:
         text, pending, last_flush, first = "", "", 0.0, True
         interval = self.settings.delta_flush_interval
 
+        first_token_at = None
+
         async def flush() -> None:
-            nonlocal pending, last_flush
+            nonlocal pending, last_flush, first_token_at
             chunk, pending, last_flush = pending, "", time.monotonic()
             event = p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk)
-            await self._deltas.write(event, reply_id=turn.reply_id, text=text)
+            at, first_token_at = first_token_at, None  # stored with the first frame
+            await self._deltas.write(event, reply_id=turn.reply_id, text=text, first_token_at=at)
 
         async for delta in run:
             if turn.cancelled:
@@ -459,8 +460,7 @@ class DialogueManager:
                 ttft = time.monotonic() - started
                 turn.ttft_ms = round(ttft * 1000, 2)
                 self.metrics.ttft.labels(skill).observe(ttft)
-                with self._db() as db:
-                    store.update_reply(db, message_id=turn.reply_id, first_token_at=utcnow())
+                first_token_at = utcnow()
             text += delta
             turn.partial = text
             pending += delta

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # them off when the attention needs a mask, as SDPA does) and torch.compile level 0-3 (0 = off).
     chat_cuda_graphs: bool | None = None
     chat_compile_level: int = 0
+    # Where the chat model runs: "process" (a child process: the batching loop never holds the web
+    # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
+    chat_worker: Literal["auto", "thread", "process"] = "auto"
     # Load models at start-up; tests may turn this off to start with no skill.
     load_models: bool = True
 

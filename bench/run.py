@@ -43,12 +43,16 @@ from bench.serve import raise_fd_limit  # noqa: E402
 PROFILES: dict[str, dict] = {
     "cpu-smoke": dict(
         shape="tiny", device="cpu", max_new_tokens=16, concurrency=[1, 4], naive_concurrency=[1, 4], naive_cap_s=30.0, cap_s=120.0,
-        variants={"ours": []}, flood_sessions=8, flood_words=50, idle=50, media=False,
+        variants={"ours-thread": ["--worker", "thread"], "ours-process": ["--worker", "process"]}, flood_sessions=8, flood_words=50, idle=50, media=False,
         mixed=dict(sessions=4, speech_streams=1, vision_streams=1, speech_dims="tiny", vision_shape="tiny"),
     ),
     "gpu": dict(
         shape="qwen2.5-0.5b", device="cuda", max_new_tokens=256, concurrency=[1, 64, 256], naive_concurrency=[1, 64], naive_cap_s=15.0, cap_s=120.0,
-        variants={"ours": [], "ours-cuda-graphs": ["--cuda-graphs", "on"]},
+        variants={
+            "ours-thread": ["--worker", "thread"],
+            "ours-process": ["--worker", "process"],
+            "ours-process-cuda-graphs": ["--worker", "process", "--cuda-graphs", "on"],
+        },
         flood_sessions=64, flood_words=400, idle=1000, media=True,
         mixed=dict(sessions=64, speech_streams=16, vision_streams=16, speech_dims="base", vision_shape="blip-base",
                    server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP

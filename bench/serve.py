@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--flush-interval", type=float, default=0.02, help="seconds between coalesced delta frames")
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--compile-level", type=int, default=0)
+    ap.add_argument("--worker", choices=["auto", "thread", "process"], default="auto", help="where the chat model runs")
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--flood-words", type=int, default=200)
@@ -72,6 +73,7 @@ def main() -> None:
         chat_max_batch_tokens=args.max_batch_tokens,
         chat_cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
         chat_compile_level=args.compile_level,
+        chat_worker=args.worker,
         delta_flush_interval=args.flush_interval,
         speech_model=args.speech_model,
         speech_device=args.device,

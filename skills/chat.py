@@ -8,9 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from skills.base import HistoryItem, SkillError, SkillRequest, SkillUsage
+from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
+from skills.chat_process import ChatProcessWorker
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
-from skills.lifecycle import ModelSkill
+from skills.lifecycle import ModelLoadError, ModelSkill
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_prompt(
 class ChatRun:
     """One streaming generation; iterate for text deltas."""
 
-    def __init__(self, worker: ChatWorker, request_id: str, prompt_ids: list[int]) -> None:
+    def __init__(self, worker: ChatWorker | ChatProcessWorker, request_id: str, prompt_ids: list[int]) -> None:
         self._worker = worker
         self.request_id = request_id
         self.usage = SkillUsage(prompt_tokens=len(prompt_ids))
@@ -107,15 +108,45 @@ class ChatSkill(ModelSkill):
     setting = "ASSISTANT_CHAT_MODEL"
 
     def __init__(
-        self, options: ChatWorkerOptions, *, system_prompt: str | None, context_tokens: int, enabled: bool = True
+        self,
+        options: ChatWorkerOptions,
+        *,
+        system_prompt: str | None,
+        context_tokens: int,
+        enabled: bool = True,
+        in_process: bool = True,
     ) -> None:
         super().__init__(enabled=enabled)
-        self.worker = ChatWorker(options)
+        self.worker = ChatWorker(options) if in_process else ChatProcessWorker(options)
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
+        self._restart_lock = asyncio.Lock()
+
+    def status(self) -> SkillStatus:
+        st = super().status()
+        if st.state == "ready" and not self.worker.is_running():
+            if isinstance(self.worker, ChatProcessWorker):
+                detail = "the chat model's process exited; the next turn restarts it"
+            else:
+                detail = "the chat generation loop stopped; restart the server"
+            return SkillStatus(state="unavailable", detail=detail, extra=st.extra)
+        return st
+
+    async def _restart_if_exited(self) -> None:
+        """A crashed model process failed its running turns; start a new one for the next turn."""
+        if self.worker.is_running() or not isinstance(self.worker, ChatProcessWorker):
+            return
+        async with self._restart_lock:
+            if not self.worker.is_running():
+                log.warning("the chat model's process exited; starting a new one")
+                try:
+                    await asyncio.to_thread(self.worker.load)
+                except ModelLoadError as exc:
+                    raise SkillError("skill_unavailable", f"the chat model could not be restarted: {exc}") from exc
 
     async def run(self, request: SkillRequest) -> ChatRun:
         await self.wait_ready()
+        await self._restart_if_exited()
         history = [*request.history, HistoryItem(role="user", text=request.text)]
         budget = self.context_tokens
         if self.worker.max_positions:

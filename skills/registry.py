@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from skills.base import Skill
 
 if TYPE_CHECKING:
     from assistant.settings import Settings
+
+
+def chat_in_child_process(choice: str, device: str) -> bool:
+    """``auto`` puts the chat model in a child process where it would use an NVIDIA GPU."""
+    if choice != "auto":
+        return choice == "process"
+    if device.startswith("cuda"):
+        return True
+    return device == "auto" and Path("/dev/nvidiactl").exists()
 
 
 def build_skills(settings: Settings) -> dict[str, Skill]:
@@ -33,6 +43,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
         system_prompt=settings.chat_system_prompt or None,
         context_tokens=settings.chat_context_tokens,
         enabled=settings.load_models,
+        in_process=not chat_in_child_process(settings.chat_worker, settings.chat_device),
     )
     from skills.speech import build_speech_skill
 

@@ -151,7 +151,10 @@ def history(db: Session, *, session_id: str, before_position: int | None = None)
 
 
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
-    db.execute(update(Message).where(Message.id == message_id).values(**fields))
+    # No ORM session synchronisation: no caller holds the row as an object in the same transaction.
+    db.execute(
+        update(Message).where(Message.id == message_id).values(**fields).execution_options(synchronize_session=False)
+    )
 
 
 def unfinished_replies(db: Session) -> Sequence[Message]:
@@ -159,20 +162,6 @@ def unfinished_replies(db: Session) -> Sequence[Message]:
 
 
 # ----------------------------------------------------------------------------- event log
-
-
-def append_event(db: Session, *, session_id: str, event_type: str, payload_for_seq) -> int:  # noqa: ANN001
-    """Give the next seq of ``session_id`` to an event; ``payload_for_seq(seq)`` returns its JSON."""
-    seq = db.scalar(
-        update(ChatSession)
-        .where(ChatSession.id == session_id)
-        .values(last_seq=ChatSession.last_seq + 1)
-        .returning(ChatSession.last_seq)
-    )
-    if seq is None:
-        raise LookupError(f"session {session_id} does not exist")
-    db.add(Event(session_id=session_id, seq=seq, type=event_type, payload=payload_for_seq(seq)))
-    return seq
 
 
 # Core statements for the streaming hot path (built once; bypass the ORM's per-call work).
@@ -186,9 +175,15 @@ _BUMP_SEQ = (
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
-def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], str]]]) -> list[str]:
+def append_event(db: Session, *, session_id: str, event_type: str, payload_for_seq) -> int:  # noqa: ANN001
+    """Give the next seq of ``session_id`` to an event; ``payload_for_seq(seq)`` returns its JSON."""
+    return append_events(db, events=[(session_id, event_type, payload_for_seq)])[0][0]
+
+
+def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], str]]]) -> list[tuple[int, str]]:
     """Log many events at once (group commit): ``(session_id, event_type, payload_for_seq)`` each,
-    in order; one seq update per session and one multi-row insert. Returns the payloads."""
+    in order; one seq update per session and one multi-row insert. Returns (seq, payload) each."""
+    db.flush()  # rows the ORM still holds (a new session) must exist before their events
     conn = db.connection()
     counts: dict[str, int] = {}
     for session_id, _, _ in events:
@@ -199,15 +194,15 @@ def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], s
         if last is None:
             raise LookupError(f"session {session_id} does not exist")
         next_seq[session_id] = last - n + 1
-    rows, payloads = [], []
+    rows, logged = [], []
     now = utcnow()
     for session_id, event_type, payload_for_seq in events:
         seq = next_seq[session_id]
         next_seq[session_id] = seq + 1
-        payloads.append(payload_for_seq(seq))
-        rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": payloads[-1], "created_at": now})
+        logged.append((seq, payload_for_seq(seq)))
+        rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": logged[-1][1], "created_at": now})
     conn.execute(insert(_events_t), rows)
-    return payloads
+    return logged
 
 
 def update_reply_texts(db: Session, *, texts: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
-"""Long generations: concurrent sessions share the model's batches, and cancel really stops the work."""
+"""Long generations: concurrent sessions share the model's batches, and cancel really stops the work,
+with the model in the web process (thread) and in a child process (process)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,16 @@ from tests.conftest import LiveServer, make_settings, start_server, ws_client
 MAX_NEW = 3000
 
 
-@pytest.fixture(scope="module")
-def long_server(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["thread", "process"])
+def long_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path
+) -> Iterator[LiveServer]:
     settings = make_settings(
-        tmp_path_factory.mktemp("long"), tiny_chat_model, chat_max_new_tokens=MAX_NEW, chat_kv_blocks=256
+        tmp_path_factory.mktemp("long"),
+        tiny_chat_model,
+        chat_max_new_tokens=MAX_NEW,
+        chat_kv_blocks=256,
+        chat_worker=request.param,
     )
     live = start_server(settings)
     yield live

@@ -1,0 +1,268 @@
+"""The chat worker in a process of its own: the out-of-process transport.
+
+The model, transformers' continuous-batching loop and torch live in a child process (spawned, so
+CUDA starts clean there); the web process keeps only the tokenizer. Requests and cancels go down a
+pipe; new tokens come back in batches (one message for every request that advanced), with the
+scheduler's occupancy, read by a thread that hands them to the event loop. So the batching loop's
+Python work never holds the web process's GIL, and a crash of the model process fails the running
+turns with a typed error instead of taking the server down.
+
+Same interface as ``skills.chat_worker.ChatWorker`` (the in-process transport), which the child
+runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.lifecycle import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY = 0.1  # seconds between occupancy reports while nothing else is sent
+START_TIMEOUT = 900.0  # seconds a model may take to load in the child
+
+
+@dataclass
+class ProcessOutput:
+    """What ``ChatRun`` reads of transformers' ``GenerationOutput``."""
+
+    request_id: str
+    generated_tokens: list[int]
+    finished: bool
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+class ChatProcessWorker:
+    def __init__(self, options: ChatWorkerOptions) -> None:
+        self.options = options
+        self.tokenizer: Any = None
+        self.eos_token_ids: list[int] = []
+        self.max_positions: int | None = None
+        self.recent_prompts: deque[tuple[str, str]] = deque(maxlen=32)
+        self.steps = 0
+        self._max_concurrent = 0
+        self._kv_free = 1.0
+        self._active: set[str] = set()
+        self._handlers: dict[str, tuple[Callable, list[int]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: Any = None
+        self._conn: Any = None
+        self._send_lock = threading.Lock()
+        self._alive = False
+
+    # ------------------------------------------------------------------ loading (blocking; run in a thread)
+
+    def load(self) -> None:
+        from transformers import AutoTokenizer
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=serve, args=(self.options, child), name="chat-worker", daemon=True)
+        self._proc.start()
+        child.close()
+        if not parent.poll(START_TIMEOUT):
+            self._proc.kill()
+            raise ModelLoadError(f"the chat worker process did not load {self.options.model!r} in {START_TIMEOUT:.0f} s")
+        try:
+            kind, info = parent.recv()
+        except EOFError:
+            raise ModelLoadError(f"the chat worker process exited while loading (exit code {self._proc.exitcode})") from None
+        if kind == "error":
+            self._proc.join(10)
+            raise ModelLoadError(info)
+        local = {"local_files_only": True} if self.options.local_files_only else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.options.model, **local)
+        self.eos_token_ids, self.max_positions = info["eos_token_ids"], info["max_positions"]
+        self._conn, self._alive = parent, True
+        threading.Thread(target=self._read, name="chat-worker-reader", daemon=True).start()
+        log.info("chat model %s loaded in worker process %d", self.options.model, self._proc.pid)
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._send(("close",))
+        except (OSError, ValueError):
+            pass
+        self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._alive = False
+
+    # ------------------------------------------------------------------ serving (call on the event loop)
+
+    def is_running(self) -> bool:
+        return self._alive and self._proc is not None and self._proc.is_alive()
+
+    def submit(self, *, request_id: str, prompt_ids: list[int], max_new_tokens: int, on_output: Callable) -> None:
+        if not self.is_running():
+            raise RuntimeError("the chat worker process is not running")
+        self._loop = asyncio.get_running_loop()
+        self.recent_prompts.append((request_id, self.tokenizer.decode(prompt_ids)))
+        self._handlers[request_id] = (on_output, [])
+        self._active.add(request_id)
+        self._send(("submit", request_id, prompt_ids, max_new_tokens))
+
+    def cancel(self, request_id: str) -> None:
+        self._handlers.pop(request_id, None)
+        if self.is_running():
+            self._send(("cancel", request_id))
+
+    def kv_free_fraction(self) -> float:
+        return self._kv_free
+
+    def active_request_ids(self) -> set[str]:
+        return set(self._active)
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        return self._max_concurrent
+
+    @max_concurrent_requests.setter
+    def max_concurrent_requests(self, value: int) -> None:
+        self._max_concurrent = value
+        if self.is_running():
+            self._send(("reset_max", value))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        """Reader thread: every message from the child goes to the event loop in one callback."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._dispatch, msg)
+                else:
+                    self._apply_stats(msg[2])
+        except (EOFError, OSError):
+            pass
+        self._alive = False
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, "the chat worker process exited")
+
+    def _apply_stats(self, stats: dict) -> None:
+        self.steps = stats["steps"]
+        self._max_concurrent = stats["max_concurrent"]
+        self._kv_free = stats["kv_free"]
+        self._active = set(stats["active"]) | {rid for rid in self._active if rid in self._handlers}
+
+    def _dispatch(self, msg: tuple) -> None:
+        _, items, stats = msg
+        for request_id, new_tokens, finished, error in items:
+            entry = self._handlers.get(request_id)
+            if entry is None:  # cancelled, or not ours any more
+                continue
+            handler, tokens = entry
+            tokens.extend(new_tokens)
+            if finished:
+                del self._handlers[request_id]
+            handler(ProcessOutput(request_id, list(tokens), finished, error))
+        self._apply_stats(stats)
+
+    def _fail_all(self, reason: str) -> None:
+        handlers, self._handlers = self._handlers, {}
+        for request_id, (handler, tokens) in handlers.items():
+            handler(ProcessOutput(request_id, list(tokens), True, reason))
+
+
+# ---------------------------------------------------------------------- the child process
+
+
+def serve(options: ChatWorkerOptions, conn: Any) -> None:
+    """Child entry point: load the model, then run commands until ``close`` or the pipe closes."""
+    worker = ChatWorker(options)
+    try:
+        worker.load()
+    except Exception as exc:  # noqa: BLE001 - the parent turns this into the skill's unavailable state
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", {"eos_token_ids": worker.eos_token_ids, "max_positions": worker.max_positions}))
+    send_lock = threading.Lock()
+    stop = threading.Event()
+    cancelled: deque[str] = deque()  # the pump forgets these requests
+    pump = threading.Thread(target=_pump, args=(worker, conn, send_lock, stop, cancelled), name="chat-outputs", daemon=True)
+    pump.start()
+    manager = worker._manager
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "submit":
+                _, request_id, prompt_ids, max_new_tokens = msg
+                manager.add_request(
+                    input_ids=prompt_ids,
+                    request_id=request_id,
+                    max_new_tokens=max_new_tokens,
+                    streaming=True,
+                    eos_token_id=worker.eos_token_ids or None,
+                )
+            elif msg[0] == "cancel":
+                manager.cancel_request(msg[1])
+                cancelled.append(msg[1])
+            elif msg[0] == "reset_max":
+                worker.max_concurrent_requests = msg[1]
+            elif msg[0] == "close":
+                break
+    except (EOFError, OSError):
+        pass  # the web process went away
+    finally:
+        stop.set()
+        pump.join(5)
+        worker.close()
+
+
+def _pump(worker: ChatWorker, conn: Any, send_lock: threading.Lock, stop: threading.Event, cancelled: deque[str]) -> None:
+    """Collect outputs for a moment, send only the new tokens of each request, in one message."""
+    manager = worker._manager
+    sent: dict[str, int] = {}
+    last = 0.0
+    while not stop.is_set():
+        while cancelled:
+            sent.pop(cancelled.popleft(), None)
+        latest: dict[str, Any] = {}
+        out = manager.get_result(timeout=0.02)
+        while out is not None:
+            latest[out.request_id] = out
+            out = manager.get_result(timeout=0) if not manager.output_router.output_queue.empty() else None
+        now = time.monotonic()
+        if not latest and now - last < STATS_EVERY:
+            continue
+        items = []
+        for request_id, out in latest.items():
+            done = sent.get(request_id, 0)
+            finished = out.is_finished() or out.error is not None
+            items.append((request_id, list(out.generated_tokens[done:]), finished, out.error))
+            if finished:
+                sent.pop(request_id, None)
+            else:
+                sent[request_id] = len(out.generated_tokens)
+        stats = {
+            "steps": worker.steps,
+            "max_concurrent": worker.max_concurrent_requests,
+            "kv_free": worker.kv_free_fraction(),
+            "active": sorted(worker.active_request_ids()),
+        }
+        try:
+            with send_lock:
+                conn.send(("out", items, stats))
+        except (OSError, ValueError):
+            return
+        last = now
