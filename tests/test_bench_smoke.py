@@ -1,0 +1,43 @@
+"""The benchmark harness runs end to end on the CPU with tiny models (speed is not asserted here:
+absolute and relative speed are measured on the GPU; see bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--profile", "cpu-smoke", "--only", "chat", "web", "mixed", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    tokens = result["settings"]["max_new_tokens"]
+    assert set(result["chat"]) == {"naive", "ours-thread", "ours-process"}
+    for name, runs in result["chat"].items():
+        assert "error" not in runs, runs
+        for n, run in runs.items():
+            assert run["sessions"] == int(n) and run["completed"] == int(n), (name, run)
+            assert run["completion_tokens"] == int(n) * tokens, (name, run)
+            assert run["ttft_ms"]["p50"] > 0 and run["frames"] >= int(n) and run["loop_lag"]["probes"] > 0
+    for variant in ("ours-thread", "ours-process"):
+        assert set(result["ratios_vs_naive"][variant]) == {"1", "4"}
+    web = result["web_process"]
+    assert web["flood"]["completed"] == web["flood"]["sessions"] and web["flood"]["frames_per_s"] > 0
+    assert web["idle"]["sessions"] == 50 and web["idle"]["rss_after_mib"] >= web["idle"]["rss_before_mib"]
+    mixed = result["mixed"]
+    assert "error" not in mixed, mixed
+    assert mixed["with_media"]["chat"]["completed"] == mixed["config"]["sessions"]
+    assert mixed["with_media"]["speech_latency_ms"]["p50"] > 0 and mixed["with_media"]["vision_latency_ms"]["p50"] > 0
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
