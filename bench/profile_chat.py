@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def profile_loop(model_dir: Path, sessions: int, cuda_graphs: bool | None, window_s: float, device: str = "cuda") -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from skills.chat_worker import ChatWorker, ChatWorkerOptions

@@ -68,6 +68,8 @@ class ChatProcessWorker:
     def load(self) -> None:
         from transformers import AutoTokenizer
 
+        if self._conn is not None:  # a restart: the old process is gone
+            self._conn.close()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(target=serve, args=(self.options, child), name="chat-worker", daemon=True)
@@ -146,18 +148,24 @@ class ChatProcessWorker:
 
     def _read(self) -> None:
         """Reader thread: every message from the child goes to the event loop in one callback."""
+        conn = self._conn
         try:
             while True:
-                msg = self._conn.recv()
+                msg = conn.recv()
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, msg)
                 else:
                     self._apply_stats(msg[2])
-        except (EOFError, OSError):
+        except (EOFError, OSError, RuntimeError):  # the child exited, or the server's loop closed
             pass
+        if conn is not self._conn:  # a restarted process has its own reader
+            return
         self._alive = False
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._fail_all, "the chat worker process exited")
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_all, "the chat worker process exited")
+        except RuntimeError:
+            pass
 
     def _apply_stats(self, stats: dict) -> None:
         self.steps = stats["steps"]
