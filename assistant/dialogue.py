@@ -107,22 +107,23 @@ class DialogueManager:
         with self._sessions.begin() as db:
             yield db
 
-    def _publish(self, session_id: str, event: BaseModel, change: Callable[[Session], None] | None = None) -> int:
+    def _publish(self, session_id: str, event: BaseModel, change: Callable[[Session], None] | None = None) -> None:
         """Apply ``change``, log ``event`` with the next seq, commit, then fan it out."""
-        frame = ""
-
-        def payload(seq: int) -> str:
-            nonlocal frame
-            event.seq = seq  # type: ignore[attr-defined]
-            frame = p.dump_event(event)
-            return frame
-
         with self._db() as db:
             if change is not None:
                 change(db)
-            seq = store.append_event(db, session_id=session_id, event_type=event.type, payload_for_seq=payload)  # type: ignore[attr-defined]
+            frame = self._log(db, session_id, event)
         self._fan_out(session_id, frame)
-        return seq
+
+    @staticmethod
+    def _log(db: Session, session_id: str, event: BaseModel) -> str:
+        """Log ``event`` with the next seq in ``db``'s transaction; returns the frame to send after commit."""
+
+        def payload(seq: int) -> str:
+            event.seq = seq  # type: ignore[attr-defined]
+            return p.dump_event(event)
+
+        return store.append_events(db, events=[(session_id, event.type, payload)])[0][1]  # type: ignore[attr-defined]
 
     def _fan_out(self, session_id: str, frame: str) -> None:
         for sub in list(self._subscribers.get(session_id, ())):
@@ -155,10 +156,10 @@ class DialogueManager:
     def create_session(self, *, user_id: str, title: str | None, sub: Subscriber | None, event_id: str | None) -> str:
         with self._db() as db:
             sess = store.create_session(db, user_id=user_id, title=title)
-            info = session_info(sess)
+            frame = self._log(db, sess.id, p.SessionCreated(session_id=sess.id, session=session_info(sess), event_id=event_id))
         if sub is not None:
             self.subscribe(sess.id, sub)
-        self._publish(sess.id, p.SessionCreated(session_id=sess.id, session=info, event_id=event_id))
+        self._fan_out(sess.id, frame)
         return sess.id
 
     def resume(self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None) -> None:
@@ -260,21 +261,21 @@ class DialogueManager:
             turn = _Turn(turn_id, sess.id, reply.id, user_msg.position, text, tuple(event.attachment_ids), event.skill)
             turn.image_ids = tuple(image_ids)
             preface = on_store(db, turn_id) if on_store is not None else None
-        if sub is not None:
-            self.subscribe(turn.session_id, sub)
-        if preface is not None:
-            self._publish(turn.session_id, preface)
-        self._publish(
-            turn.session_id,
-            p.TurnCreated(
-                session_id=turn.session_id,
+            # Logged in the turn's own transaction: stored and acknowledged together.
+            frames = [self._log(db, sess.id, preface)] if preface is not None else []
+            created = p.TurnCreated(
+                session_id=sess.id,
                 turn_id=turn_id,
                 text=text,
                 attachment_ids=list(turn.attachment_ids),
                 input=input_kind,
                 event_id=event.event_id,
-            ),
-        )
+            )
+            frames.append(self._log(db, sess.id, created))
+        if sub is not None:
+            self.subscribe(turn.session_id, sub)
+        for frame in frames:
+            self._fan_out(turn.session_id, frame)
         runner = self._runners.setdefault(turn.session_id, _SessionRunner())
         runner.queue.append(turn)
         if busy:
@@ -352,30 +353,20 @@ class DialogueManager:
         skill_name, usage, error = None, p.Usage(), None
         status = p.TurnStatus.completed
         try:
+            # Read the session, route, and store and log the decision in one transaction.
             with self._db() as db:
                 state, history = self._session_state(db, turn)
-            try:
-                decision = route(
-                    TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
-                    state,
-                    frozenset(self.routable_skills()),
-                )
-            except UnknownSkill as exc:  # the skill was removed since the turn was queued
-                raise SkillError("skill_unknown", f"unknown skill {exc}") from None
-            skill_name = decision.skill
-            self._publish(
-                turn.session_id,
-                p.TurnRouted(
-                    session_id=turn.session_id,
-                    turn_id=turn.turn_id,
-                    skill=decision.skill,
-                    confidence=decision.confidence,
-                    reason=decision.reason,
-                    overridden=decision.overridden,
-                    attachment_id=decision.attachment_id,
-                ),
-                # Stored as running at once (the routing is in the event log): one transaction, not two.
-                lambda db: store.update_reply(
+                try:
+                    decision = route(
+                        TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
+                        state,
+                        frozenset(self.routable_skills()),
+                    )
+                except UnknownSkill as exc:  # the skill was removed since the turn was queued
+                    raise SkillError("skill_unknown", f"unknown skill {exc}") from None
+                skill_name = decision.skill
+                # Stored as running at once (the routing is in the event log).
+                store.update_reply(
                     db,
                     message_id=turn.reply_id,
                     status=(p.TurnStatus.routed if turn.cancelled else p.TurnStatus.running).value,
@@ -386,8 +377,18 @@ class DialogueManager:
                     attachment_ids=[decision.attachment_id] if decision.attachment_id else [],
                     # a /command is an override too: store it with the turn like the protocol's field
                     skill_override=decision.skill if decision.overridden else None,
-                ),
-            )
+                )
+                routed = p.TurnRouted(
+                    session_id=turn.session_id,
+                    turn_id=turn.turn_id,
+                    skill=decision.skill,
+                    confidence=decision.confidence,
+                    reason=decision.reason,
+                    overridden=decision.overridden,
+                    attachment_id=decision.attachment_id,
+                )
+                frame = self._log(db, turn.session_id, routed)
+            self._fan_out(turn.session_id, frame)
             if not turn.cancelled:
                 request = SkillRequest(
                     turn.session_id,
