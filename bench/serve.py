@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--flush-interval", type=float, default=0.02, help="seconds between coalesced delta frames")
-    ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--cuda-graphs", choices=["library", "on", "off"], default="on", help="library: let transformers decide")
     ap.add_argument("--compile-level", type=int, default=0)
     ap.add_argument("--worker", choices=["auto", "thread", "process"], default="auto", help="where the chat model runs")
     ap.add_argument("--kv-blocks", type=int, default=None)
@@ -71,7 +71,7 @@ def main() -> None:
         chat_kv_blocks=args.kv_blocks,
         chat_kv_page_size=64 if args.device == "cpu" else 256,
         chat_max_batch_tokens=args.max_batch_tokens,
-        chat_cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+        chat_cuda_graphs={"library": None, "on": True, "off": False}[args.cuda_graphs],
         chat_compile_level=args.compile_level,
         chat_worker=args.worker,
         delta_flush_interval=args.flush_interval,
