@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from skills.base import HistoryItem, SkillRequest, SkillStatus, SkillUsage
+from skills.base import HistoryItem, ModelFreeSkill, SkillRequest, SkillUsage
 from skills.chat import build_prompt
 from skills.chat_worker import ChatWorkerOptions, _resolve_device, _resolve_dtype
 from skills.lifecycle import ModelSkill
@@ -147,23 +147,11 @@ class _FloodRun:
             await asyncio.sleep(0)  # let every other session's stream and the sockets run
 
 
-class FloodSkill:
+class FloodSkill(ModelFreeSkill):
     name = "chat"
 
     def __init__(self, words: int) -> None:
         self.words = words
-
-    def status(self) -> SkillStatus:
-        return SkillStatus(state="ready")
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def wait_ready(self) -> None:
-        return None
 
     async def run(self, request: SkillRequest) -> _FloodRun:
         return _FloodRun(self.words)

@@ -73,3 +73,21 @@ class Skill(Protocol):
         """Wait while loading; raise ``SkillError('skill_unavailable', ...)`` if it cannot serve."""
 
     async def run(self, request: SkillRequest) -> SkillRun: ...
+
+
+class ModelFreeSkill:
+    """Base for a skill with nothing to load (fakes in tests, the benchmarks' flood skill): always ready."""
+
+    name = "skill"
+
+    def status(self) -> SkillStatus:
+        return SkillStatus(state="ready")
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def wait_ready(self) -> None:
+        return None

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from skills.base import SkillStatus, SkillUsage
+from skills.base import ModelFreeSkill, SkillUsage
 
 CHROMIUM = os.environ.get("ASSISTANT_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -126,25 +126,13 @@ class ScriptedRun:
             yield c
 
 
-class ScriptedSkill:
+class ScriptedSkill(ModelFreeSkill):
     """A fake skill (the browser's renderer is under test, not the model): replies with queued texts."""
 
     def __init__(self, name: str, replies: list[str], pause: float = 0.02) -> None:
         self.name = name
         self.replies = list(replies)
         self.pause = pause
-
-    def status(self) -> SkillStatus:
-        return SkillStatus("ready")
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def wait_ready(self) -> None:
-        return None
 
     async def run(self, request):  # noqa: ANN001, ANN201
         text = self.replies.pop(0) if self.replies else f"echo: {request.text}"
