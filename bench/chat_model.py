@@ -10,13 +10,15 @@ unreachable, so every reply runs to the server's ``chat_max_new_tokens``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.tiny_models import build_chat_tokenizer  # noqa: E402
+
+SPECIALS = 3  # ids 0-2: pad, im_start, im_end (tests/tiny_models.py builds the tokenizer)
 
 # Qwen/Qwen2.5-0.5B-Instruct's config.json (494 M parameters, 136 M of them the tied embedding).
 SHAPES: dict[str, dict[str, int | float | bool]] = {
@@ -32,30 +34,6 @@ SHAPES: dict[str, dict[str, int | float | bool]] = {
 }
 
 
-def build_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer with a ChatML template, padded with word tokens to ``vocab_size``
-    so that every id the model can emit decodes to text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    n = 0
-    while len(vocab) < vocab_size:
-        vocab[f"Ġw{n}"] = len(vocab)  # "Ġ" is the byte-level space: decodes to " w<n>"
-        n += 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=SPECIALS[0], eos_token=SPECIALS[2], additional_special_tokens=[SPECIALS[1]]
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-
-
 def build_chat_model(folder: Path, shape: str = "tiny", *, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -63,15 +41,14 @@ def build_chat_model(folder: Path, shape: str = "tiny", *, seed: int = 0) -> Pat
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; available: {', '.join(SHAPES)}")
     dims = SHAPES[shape]
-    folder.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(folder, int(dims["vocab_size"]))
+    build_chat_tokenizer(folder, int(dims["vocab_size"]))
     config = Qwen2Config(**dims, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
     with torch.no_grad():
-        model.model.embed_tokens.weight[: len(SPECIALS)] = 0  # tied: logit 0 for specials, never the argmax
+        model.model.embed_tokens.weight[:SPECIALS] = 0  # tied: logit 0 for specials, never the argmax
     model.to(torch.bfloat16 if device == "cuda" else torch.float32).save_pretrained(folder)
     return folder
 

@@ -10,19 +10,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
-    """A byte-level BPE tokenizer with a ChatML template and a tiny Qwen2 decoder, saved to ``folder``.
-
-    The decoder's weights are random, so it babbles; the EOS token is made unreachable so replies run
-    to ``max_new_tokens``, which makes streaming, batching and cancel observable."""
-    import torch
+def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
+    """A byte-level BPE tokenizer with a ChatML template (ids 0-2 are the specials), saved to
+    ``folder``; with ``vocab_size``, padded with word tokens (" w0", " w1", ...) so that every id a
+    model of that vocabulary can emit decodes to text. Returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<|pad|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     for ch in sorted(ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    n = 0
+    while vocab_size is not None and len(vocab) < vocab_size:
+        vocab[f"Ġw{n}"] = len(vocab)  # "Ġ" is the byte-level space
+        n += 1
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,9 +34,21 @@ def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidde
     fast.chat_template = CHAT_TEMPLATE
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
+    return len(vocab)
+
+
+def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A byte-level BPE tokenizer with a ChatML template and a tiny Qwen2 decoder, saved to ``folder``.
+
+    The decoder's weights are random, so it babbles; the EOS token is made unreachable so replies run
+    to ``max_new_tokens``, which makes streaming, batching and cancel observable."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab_size = build_chat_tokenizer(folder)
 
     config = Qwen2Config(
-        vocab_size=len(vocab),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
