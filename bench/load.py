@@ -46,14 +46,18 @@ def summary(values: list[float]) -> dict[str, float | None]:
     return {"p50": pct(values, 50), "p95": pct(values, 95), "max": pct(values, 100)}
 
 
+async def _session(ws) -> str:  # noqa: ANN001
+    await ws.recv()  # server.hello
+    await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
+    while (ev := json.loads(await ws.recv()))["type"] != "session.created":
+        pass
+    return ev["session_id"]
+
+
 async def _client(url: str, token: str, text: str, ready: asyncio.Queue, go: asyncio.Event, cap_s: float) -> Stream:
     st = Stream()
     async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:
-        await ws.recv()  # server.hello
-        await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
-        while (ev := json.loads(await ws.recv()))["type"] != "session.created":
-            pass
-        sid = ev["session_id"]
+        sid = await _session(ws)
         ready.put_nowait(1)
         await go.wait()
         st.sent = time.perf_counter()
@@ -136,10 +140,7 @@ async def idle_sessions(url: str, token: str, n: int, hold_s: float = 1.0) -> li
     async def one() -> object:
         async with sem:
             ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None)
-            await ws.recv()
-            await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
-            while json.loads(await ws.recv())["type"] != "session.created":
-                pass
+            await _session(ws)
             return ws
 
     conns = await asyncio.gather(*(one() for _ in range(n)))
@@ -175,14 +176,6 @@ def lag_between(before: dict[str, float], after: dict[str, float]) -> dict:
     p99 = next(le for le, n in bounds if n >= 0.99 * total)
     over = total - diff.get("0.025", 0)
     return {"probes": int(total), "p99_ms_at_most": None if p99 == float("inf") else p99 * 1000, "share_over_25ms": round(over / total, 4)}
-
-
-async def _session(ws) -> str:  # noqa: ANN001
-    await ws.recv()  # server.hello
-    await ws.send(json.dumps({"type": "session.create", "event_id": "s"}))
-    while (ev := json.loads(await ws.recv()))["type"] != "session.created":
-        pass
-    return ev["session_id"]
 
 
 async def _speech_client(url: str, token: str, pcm: bytes, stop: asyncio.Event, latencies: list[float]) -> None:

@@ -249,7 +249,7 @@ def _pump(worker: ChatWorker, conn: Any, send_lock: threading.Lock, stop: thread
         out = manager.get_result(timeout=0.02)
         while out is not None:
             latest[out.request_id] = out
-            out = manager.get_result(timeout=0) if not manager.output_router.output_queue.empty() else None
+            out = manager.get_result(timeout=0)  # None once nothing more is waiting
         now = time.monotonic()
         if not latest and now - last < STATS_EVERY:
             continue
