@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     # the library decide) and torch.compile level 0-3 (0 = off).
     chat_cuda_graphs: bool | None = True
     chat_compile_level: int = 0
+    # The batching engine: "slots" (a static KV-cache slot per running request, CUDA-graph steps on
+    # a GPU), "library" (transformers' continuous batching, paged cache), or "auto" (slots when they
+    # agree with the model's own forward on a probe prompt at load, else library).
+    chat_engine: Literal["auto", "slots", "library"] = "auto"
+    # Slot engine: requests decoded at once; more wait their turn (None: 16 on CPU; on a GPU up to
+    # 256, as many as fit 30% of the memory free after loading).
+    chat_slots: int | None = None
     # Where the chat model runs: "process" (a child process: the batching loop never holds the web
     # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
     chat_worker: Literal["auto", "thread", "process"] = "auto"

@@ -1,9 +1,15 @@
-"""The chat inference worker: owns the model and transformers' continuous-batching manager.
+"""The chat inference worker: owns the model and the engine that batches every session's requests.
 
-Requests from every session go into one ``ContinuousBatchingManager`` (transformers 5), which
-batches them on its own generation thread; outputs come back to the event loop through
-``register_result_handler`` (``call_soon_threadsafe``), so generation never blocks the loop.
-This is the in-process transport; torch is imported only here.
+Two engines, one interface (``add_request``, ``cancel_request``, ``register_result_handler``,
+``get_result``), each batching on its own generation thread:
+
+- ``slots`` (``skills.slot_engine``/``skills.slot_scheduler``): a static KV-cache slot per request
+  and CUDA-graph steps on a GPU. ``auto`` picks it when it agrees with the model's own forward on
+  a probe prompt at load.
+- ``library``: transformers' ``ContinuousBatchingManager`` (paged cache), for any other model.
+
+Outputs come back to the event loop through ``register_result_handler`` (``call_soon_threadsafe``),
+so generation never blocks the loop. This is the in-process transport; torch is imported only here.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ log = logging.getLogger(__name__)
 
 CPU_KV_BLOCKS = 64
 CPU_MAX_BATCH_TOKENS = 1024
+CPU_SLOTS = 16
+GPU_MAX_SLOTS = 256
+GPU_SLOT_MEMORY_SHARE = 0.3  # of the memory free after loading, at most, for the slots' KV cache
+GPU_MAX_PREFILL_TOKENS = 8192
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,9 @@ class ChatWorkerOptions:
     cuda_graphs: bool | None = None  # CUDA graphs for the forward passes (None: the library decides)
     compile_level: int = 0  # torch.compile level for the forward passes, 0-3 (0: eager)
     local_files_only: bool = False  # never ask a model hub (set when none is reachable)
+    engine: str = "auto"  # auto | slots | library (see the module docstring)
+    slots: int | None = None  # slot engine: requests decoded at once (None: 16 on CPU, up to 256 on GPU)
+    context_tokens: int = 2048  # slot engine: prompt budget; a slot holds this plus max_new_tokens
 
 
 def _resolve_device(torch: Any, device: str) -> str:
@@ -73,6 +87,7 @@ class ChatWorker:
         self.recent_prompts: deque[tuple[str, str]] = deque(maxlen=32)
         self.max_concurrent_requests = 0
         self.steps = 0
+        self.engine = ""  # "slots" or "library" once loaded
 
     # ------------------------------------------------------------------ loading (blocking; run in a thread)
 
@@ -80,7 +95,7 @@ class ChatWorker:
         try:
             with MODEL_LOAD_LOCK:  # transformers' lazy imports race when two loaders start together
                 import torch
-                from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+                from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:  # pragma: no cover - the project's install pulls these in
             raise ModelLoadError(f"torch/transformers are not installed ({exc}); run: pip install -e .") from exc
 
@@ -117,6 +132,56 @@ class ChatWorker:
         self.eos_token_ids = eos_ids
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
+        manager = self._start_slots(torch, model, tokenizer, device) if opts.engine in ("auto", "slots") else None
+        if manager is None:
+            manager = self._start_library(model, tokenizer, device)
+        self.tokenizer, self.model, self._manager = tokenizer, model, manager
+        log.info("chat model %s loaded on %s (%s), %s engine", opts.model, device, dtype, self.engine)
+
+    def _start_slots(self, torch: Any, model: Any, tokenizer: Any, device: str) -> Any:
+        """The slot engine, or None (auto) when it does not agree with the model."""
+        from skills.slot_engine import Sampling, SlotEngine, slot_bytes
+        from skills.slot_scheduler import SlotScheduler
+
+        opts = self.options
+        max_len = opts.context_tokens + opts.max_new_tokens
+        if self.max_positions:
+            max_len = min(max_len, self.max_positions)
+        on_gpu = device.startswith("cuda")
+        slots = opts.slots
+        if slots is None and on_gpu:
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            slots = max(1, min(GPU_MAX_SLOTS, int(free * GPU_SLOT_MEMORY_SHARE) // slot_bytes(model, max_len)))
+        engine = None
+        try:
+            engine = SlotEngine(
+                model, slots=slots or CPU_SLOTS, max_len=max_len,
+                sampling=Sampling(opts.temperature, opts.top_p), cuda_graphs=on_gpu and opts.cuda_graphs is not False,
+            )
+            why = engine.check(tokenizer(PROBE_TEXT)["input_ids"][:32])
+        except Exception as exc:  # noqa: BLE001 - a model the engine cannot drive at all
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            if opts.engine == "slots":
+                raise ModelLoadError(
+                    f"the slot engine does not fit chat model {opts.model!r} ({why}); set ASSISTANT_CHAT_ENGINE=library"
+                )
+            log.warning("chat model %s: the slot engine does not fit (%s); using the library's engine", opts.model, why)
+            del engine
+            return None
+        engine.warm()
+        scheduler = SlotScheduler(
+            engine, max_prefill_tokens=GPU_MAX_PREFILL_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS, on_step=self._count_step
+        )
+        scheduler.start()
+        self.engine = "slots"
+        return scheduler
+
+    def _start_library(self, model: Any, tokenizer: Any, device: str) -> Any:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        opts = self.options
+        eos_ids = self.eos_token_ids
         sampling = opts.temperature > 0
         gen_config = GenerationConfig(
             max_new_tokens=opts.max_new_tokens,
@@ -140,18 +205,20 @@ class ChatWorker:
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
         model.register_forward_pre_hook(self._on_step)
         manager.start()
-        self.tokenizer, self.model, self._manager = tokenizer, model, manager
-        log.info("chat model %s loaded on %s (%s)", opts.model, device, dtype)
+        self.engine = "library"
+        return manager
 
     def _on_step(self, _module: Any, _args: Any) -> None:
-        """Runs on the generation thread before each forward: record how many requests share it."""
-        self.steps += 1
+        """The library engine: runs on the generation thread before each forward."""
         manager = self._manager
         processor = manager.batch_processor if manager is not None else None
-        if processor is not None:
-            n = len(processor.scheduler.active_requests)
-            if n > self.max_concurrent_requests:
-                self.max_concurrent_requests = n
+        self._count_step(len(processor.scheduler.active_requests) if processor is not None else 0)
+
+    def _count_step(self, n: int) -> None:
+        """Record a forward pass shared by ``n`` requests."""
+        self.steps += 1
+        if n > self.max_concurrent_requests:
+            self.max_concurrent_requests = n
 
     def close(self) -> None:
         manager, self._manager = self._manager, None
@@ -192,6 +259,9 @@ class ChatWorker:
             manager.cancel_request(request_id)
 
     def _drop_handler(self, request_id: str) -> None:
+        if self.engine == "slots":
+            self._manager.drop_handler(request_id)
+            return
         router = self._manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
@@ -199,12 +269,16 @@ class ChatWorker:
     def kv_free_fraction(self) -> float:
         """Share of the KV cache that is free (1.0 when no request holds pages)."""
         manager = self._manager
+        if self.engine == "slots":
+            return 1.0 if manager is None else manager.kv_free_fraction()
         processor = manager.batch_processor if manager is not None else None
         return 1.0 if processor is None else float(processor.cache.compute_free_capacity(relative=True))
 
     def active_request_ids(self) -> set[str]:
         """Requests the scheduler still holds (running or waiting)."""
         manager = self._manager
+        if self.engine == "slots":
+            return set() if manager is None else manager.active_request_ids()
         processor = manager.batch_processor if manager is not None else None
         if processor is None:
             return set()

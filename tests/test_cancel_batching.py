@@ -1,5 +1,6 @@
 """Long generations: concurrent sessions share the model's batches, and cancel really stops the work,
-with the model in the web process (thread) and in a child process (process)."""
+with the model in the web process (thread) and in a child process (process), on both batching
+engines (the slot engine and transformers' continuous batching)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from tests.conftest import LiveServer, make_settings, start_server, ws_client
 MAX_NEW = 3000
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
+@pytest.fixture(
+    scope="module",
+    params=[("thread", "slots"), ("process", "slots"), ("thread", "library"), ("process", "library")],
+    ids=lambda p: "-".join(p),
+)
 def long_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path
 ) -> Iterator[LiveServer]:
@@ -24,9 +29,12 @@ def long_server(
         tiny_chat_model,
         chat_max_new_tokens=MAX_NEW,
         chat_kv_blocks=256,
-        chat_worker=request.param,
+        chat_worker=request.param[0],
+        chat_engine=request.param[1],
     )
     live = start_server(settings)
+    if request.param[0] == "thread":
+        assert live.app.state.skills["chat"].worker.engine == request.param[1]
     yield live
     live.stop()
 

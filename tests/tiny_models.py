@@ -37,11 +37,15 @@ def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
     return len(vocab)
 
 
-def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+def build_tiny_chat_model(
+    folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32, weight_std: float | None = None
+) -> Path:
     """A byte-level BPE tokenizer with a ChatML template and a tiny Qwen2 decoder, saved to ``folder``.
 
     The decoder's weights are random, so it babbles; the EOS token is made unreachable so replies run
-    to ``max_new_tokens``, which makes streaming, batching and cancel observable."""
+    to ``max_new_tokens``, which makes streaming, batching and cancel observable. The default
+    initialisation mostly repeats one token; ``weight_std`` (about 0.35) draws the matrices wider, so
+    that the next token depends on the whole context and a wrong cache shows."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -62,6 +66,10 @@ def build_tiny_chat_model(folder: Path, *, seed: int = 0, layers: int = 2, hidde
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
+        if weight_std is not None:
+            for param in model.parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, weight_std)
         # Never pick a special token: keeps the output printable and the length predictable.
         model.lm_head.weight[:3] = 0
         model.model.embed_tokens.weight[:3] = 0

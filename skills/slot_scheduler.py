@@ -1,0 +1,224 @@
+"""The scheduler around ``SlotEngine``: admits requests into free slots, steps every busy slot
+together, streams the new tokens out.
+
+One generation thread owns the engine. Each turn of its loop: apply the queued adds and cancels,
+prefill the oldest waiting prompts into free slots (as many as fit ``max_prefill_tokens`` padded),
+then run one decode step for every busy slot. Outputs go to a handler registered from an event
+loop (one ``call_soon_threadsafe`` per loop per step, for every request that advanced) or else to a
+queue read by ``get_result``, the calls the chat worker's two transports already make of
+transformers' ``ContinuousBatchingManager``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from skills.slot_engine import bucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamOutput:
+    """A request's tokens so far (what the chat run reads of transformers' ``GenerationOutput``)."""
+
+    request_id: str
+    generated_tokens: list[int]
+    finished: bool
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    max_new: int
+    eos: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1
+
+
+class SlotScheduler:
+    def __init__(self, engine: Any, *, max_prefill_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
+        self.engine = engine
+        self.max_prefill_tokens = max_prefill_tokens
+        self._on_step = on_step or (lambda n: None)
+        self._commands: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}  # slot -> request
+        self._known: set[str] = set()  # waiting or running, as the event loop sees it
+        self._lock = threading.Lock()
+        self._handlers: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
+        self._dropped: set[str] = set()  # handlers dropped ahead of a cancel: their outputs go nowhere
+        self._results: queue.Queue[StreamOutput] = queue.Queue()
+
+    # ------------------------------------------------------------------ the manager's calls
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="chat-slots", daemon=True)
+        self._thread.start()
+
+    def stop(self, block: bool = True, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._wake.set()
+        if block and self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def add_request(
+        self, input_ids: list[int], request_id: str, max_new_tokens: int, streaming: bool = True, eos_token_id: Any = None
+    ) -> str | None:
+        if not self.is_running():
+            return None
+        if not input_ids or len(input_ids) >= self.engine.max_len:
+            raise ValueError(f"a prompt must hold 1 to {self.engine.max_len - 1} tokens, not {len(input_ids)}")
+        eos = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else ([] if eos_token_id is None else [eos_token_id])
+        request = _Request(request_id, list(input_ids), max(1, max_new_tokens), frozenset(eos))
+        with self._lock:
+            self._known.add(request_id)
+        self._commands.append(("add", request))
+        self._wake.set()
+        return request_id
+
+    def cancel_request(self, request_id: str) -> None:
+        self._commands.append(("cancel", request_id))
+        self._wake.set()
+
+    def register_result_handler(self, request_id: str, handler: Callable) -> None:
+        self._handlers[request_id] = (asyncio.get_running_loop(), handler)
+
+    def drop_handler(self, request_id: str) -> None:
+        """Stop delivering ``request_id``'s outputs (a cancel follows)."""
+        self._dropped.add(request_id)
+        self._handlers.pop(request_id, None)
+
+    def get_result(self, timeout: float | None = None) -> StreamOutput | None:
+        try:
+            return self._results.get(timeout=timeout) if timeout else self._results.get_nowait()
+        except queue.Empty:
+            return None
+
+    def kv_free_fraction(self) -> float:
+        return 1.0 - len(self._running) / self.engine.slots
+
+    def active_request_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._known)
+
+    # ------------------------------------------------------------------ the generation thread
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self._waiting and not self._running:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            outputs: list[StreamOutput] = []
+            try:
+                self._prefill(outputs)
+                if self._running:
+                    self._decode(outputs)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                log.exception("chat generation step failed")
+                self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
+            self._emit(outputs)
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            kind, arg = self._commands.popleft()
+            if kind == "add":
+                self._waiting.append(arg)
+                continue
+            self._waiting = deque(r for r in self._waiting if r.request_id != arg)
+            for slot, request in list(self._running.items()):
+                if request.request_id == arg:
+                    del self._running[slot]
+            self._forget(arg)
+            self._dropped.discard(arg)
+
+    def _prefill(self, outputs: list[StreamOutput]) -> None:
+        free = [s for s in range(self.engine.slots) if s not in self._running]
+        admitted: list[_Request] = []
+        engine = self.engine
+        while self._waiting and len(admitted) < min(len(free), engine.prefill_sizes[-1]):
+            group = [*admitted, self._waiting[0]]
+            padded = bucket(len(group), engine.prefill_sizes) * bucket(max(len(r.prompt) for r in group), engine.prompt_lengths)
+            if admitted and padded > self.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+        if not admitted:
+            return
+        for request, slot in zip(admitted, free):
+            request.slot = slot
+        firsts = engine.prefill([r.slot for r in admitted], [r.prompt for r in admitted])
+        self._on_step(len(admitted))
+        for request, token in zip(admitted, firsts):
+            self._running[request.slot] = request
+            self._advance(request, token, outputs)
+
+    def _decode(self, outputs: list[StreamOutput]) -> None:
+        rows = {slot: (r.tokens[-1], len(r.prompt) + len(r.tokens) - 1) for slot, r in self._running.items()}
+        tokens = self.engine.decode(rows)
+        self._on_step(len(rows))
+        for slot, token in tokens.items():
+            self._advance(self._running[slot], token, outputs)
+
+    def _advance(self, request: _Request, token: int, outputs: list[StreamOutput]) -> None:
+        request.tokens.append(token)
+        done = (
+            token in request.eos
+            or len(request.tokens) >= request.max_new
+            or len(request.prompt) + len(request.tokens) >= self.engine.max_len
+        )
+        if done:
+            del self._running[request.slot]
+            self._forget(request.request_id)
+        outputs.append(StreamOutput(request.request_id, list(request.tokens), done))
+
+    def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
+        running, self._running = self._running, {}
+        for request in running.values():
+            self._forget(request.request_id)
+            outputs.append(StreamOutput(request.request_id, list(request.tokens), True, error))
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._known.discard(request_id)
+
+    def _emit(self, outputs: list[StreamOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable, StreamOutput]]] = {}
+        for out in outputs:
+            entry = self._handlers.get(out.request_id)
+            if entry is None:
+                if out.request_id not in self._dropped:
+                    self._results.put(out)
+                continue
+            if out.finished:
+                self._handlers.pop(out.request_id, None)
+            by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed
+                pass
+
+
+def _deliver(items: list[tuple[Callable, StreamOutput]]) -> None:
+    for handler, out in items:
+        handler(out)

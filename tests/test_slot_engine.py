@@ -1,0 +1,144 @@
+"""The slot engine (skills/slot_engine.py, skills/slot_scheduler.py) generates exactly what the
+model's own ``generate`` does, while requests of different lengths join, wait for a slot, finish
+and are cancelled around each other; and a model it does not fit falls back to the library."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.lifecycle import ModelLoadError
+from tests.tiny_models import build_tiny_chat_model
+
+PROMPTS = {
+    "short": [5, 6, 7, 8, 9],
+    "long": list(range(10, 70)),
+    "mid": [3, 17, 90, 4] * 5,
+    "late": [200, 100, 50, 25, 12, 6],
+    "queued": [44] * 33,
+}
+MAX_NEW = {"short": 40, "long": 25, "mid": 60, "late": 30, "queued": 20}
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("wide-chat"), layers=3, hidden=64, weight_std=0.35)
+
+
+@pytest.fixture(scope="module")
+def reference(wide_model: Path) -> dict[str, list[int]]:
+    """Greedy continuations from transformers' own ``generate``, one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(wide_model).eval()
+    out = {}
+    for name, prompt in PROMPTS.items():
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW[name], do_sample=False, pad_token_id=0)
+        out[name] = ids[0, len(prompt) :].tolist()
+    assert len(set(map(tuple, out.values()))) == len(out)
+    assert all(len(set(toks)) > 5 for toks in out.values()), "the test model only repeats itself"
+    return out
+
+
+def load(model: Path, **options: object) -> ChatWorker:
+    worker = ChatWorker(ChatWorkerOptions(model=str(model), device="cpu", max_new_tokens=64, context_tokens=256, **options))
+    worker.load()
+    return worker
+
+
+def collect(worker: ChatWorker, results: dict, until, timeout: float = 60) -> None:  # noqa: ANN001
+    """Read outputs (the queue the process transport reads) until ``until(results)``."""
+    deadline = time.monotonic() + timeout
+    while not until(results):
+        assert time.monotonic() < deadline, f"timed out; have {results}"
+        out = worker._manager.get_result(timeout=0.05)
+        if out is not None:
+            assert out.error is None
+            results[out.request_id] = (list(out.generated_tokens), out.is_finished())
+
+
+def test_slots_generate_what_generate_does_while_requests_come_and_go(wide_model: Path, reference: dict) -> None:
+    worker = load(wide_model, engine="slots", slots=3)
+    try:
+        assert worker.engine == "slots"
+        manager = worker._manager
+
+        def add(name: str, **kw: object) -> None:
+            manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name], streaming=True, **kw)
+
+        results: dict[str, tuple[list[int], bool]] = {}
+        for name in ("short", "long", "mid"):
+            add(name)
+        collect(worker, results, lambda r: len(r.get("short", ([],))[0]) >= 5)
+        add("late")  # all three slots are busy: waits for one to free
+        add("queued")
+        assert {"late", "queued"} <= worker.active_request_ids()
+        collect(worker, results, lambda r: len(r.get("mid", ([],))[0]) >= 10)
+        manager.cancel_request("mid")
+        collect(worker, results, lambda r: all(r.get(n, (0, False))[1] for n in ("short", "long", "late", "queued")))
+        time.sleep(0.2)
+        while (out := manager.get_result(timeout=0.05)) is not None:  # whatever the step before the cancel made
+            assert out.request_id == "mid" and not out.is_finished()
+        assert not worker.active_request_ids() and worker.kv_free_fraction() == 1.0
+    finally:
+        worker.close()
+    for name in ("short", "long", "late", "queued"):
+        tokens, finished = results[name]
+        assert finished and tokens == reference[name], name
+    mid, finished = results["mid"]
+    assert not finished and 10 <= len(mid) < MAX_NEW["mid"] and mid == reference["mid"][: len(mid)]
+    assert worker.max_concurrent_requests == 3, "requests did not share the decode steps"
+
+
+def test_a_reply_stops_at_its_end_of_sequence_token(wide_model: Path, reference: dict) -> None:
+    want = reference["long"]
+    stop = next(i for i, t in enumerate(want) if i >= 4 and t not in want[:i])
+    worker = load(wide_model, engine="slots")
+    try:
+        worker._manager.add_request(input_ids=PROMPTS["long"], request_id="r", max_new_tokens=40, eos_token_id=[want[stop]])
+        results: dict = {}
+        collect(worker, results, lambda r: r.get("r", (0, False))[1])
+    finally:
+        worker.close()
+    assert results["r"][0] == want[: stop + 1]
+
+
+def test_sampling_settings_reach_the_engine(wide_model: Path, reference: dict) -> None:
+    results: dict = {}
+    for name, temperature, top_p in (("nucleus", 1.0, 1e-6), ("hot", 100.0, 1.0)):
+        worker = load(wide_model, engine="slots", temperature=temperature, top_p=top_p)
+        try:
+            worker._manager.add_request(input_ids=PROMPTS["mid"], request_id=name, max_new_tokens=MAX_NEW["mid"])
+            collect(worker, results, lambda r, n=name: r.get(n, (0, False))[1])
+        finally:
+            worker.close()
+    # A nucleus of one token is greedy; a very hot temperature is close to uniform over the vocabulary.
+    assert results["nucleus"][0] == reference["mid"]
+    hot = results["hot"][0]
+    assert len(hot) == MAX_NEW["mid"] and hot != reference["mid"] and len(set(hot)) > 20
+
+
+def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_chat_model(tmp_path / "sliding", layers=2, hidden=64, weight_std=0.35)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.use_sliding_window, model.config.sliding_window, model.config.max_window_layers = True, 4, 0
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    model.save_pretrained(folder)
+    with torch.no_grad():  # the window changes what the model predicts on a longer prompt
+        reloaded = AutoModelForCausalLM.from_pretrained(folder)
+        assert reloaded.config.sliding_window == 4
+
+    worker = load(folder)
+    try:
+        assert worker.engine == "library"
+    finally:
+        worker.close()
+    with pytest.raises(ModelLoadError, match="ASSISTANT_CHAT_ENGINE=library"):
+        load(folder, engine="slots")
