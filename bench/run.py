@@ -43,7 +43,25 @@ from bench.serve import raise_fd_limit  # noqa: E402
 PROFILES: dict[str, dict] = {
     "cpu-smoke": dict(
         shape="tiny", device="cpu", max_new_tokens=16, concurrency=[1, 4], naive_concurrency=[1, 4], naive_cap_s=30.0, cap_s=120.0,
-        variants={"ours-thread": ["--worker", "thread"], "ours-process": ["--worker", "process"]}, flood_sessions=8, flood_words=50, idle=50, media=False,
+        variants={
+            "ours-thread": ["--worker", "thread"],
+            "ours-process": ["--worker", "process"],
+            "ours-thread-library": ["--worker", "thread", "--engine", "library"],
+        },
+        flood_sessions=8, flood_words=50, idle=50, media=False,
+        mixed=dict(sessions=4, speech_streams=1, vision_streams=1, speech_dims="tiny", vision_shape="tiny"),
+    ),
+    # The engines and transports compared on a CPU with the tiny model (ratios only).
+    "cpu": dict(
+        shape="tiny", device="cpu", max_new_tokens=64, concurrency=[1, 16, 64], naive_concurrency=[1, 16], naive_cap_s=30.0,
+        cap_s=120.0,
+        variants={
+            "ours-thread": ["--worker", "thread", "--slots", "64"],
+            "ours-thread-library": ["--worker", "thread", "--engine", "library", "--kv-blocks", "256"],
+            "ours-process": ["--worker", "process", "--slots", "64"],
+            "ours-process-library": ["--worker", "process", "--engine", "library", "--kv-blocks", "256"],
+        },
+        flood_sessions=8, flood_words=50, idle=50, media=False,
         mixed=dict(sessions=4, speech_streams=1, vision_streams=1, speech_dims="tiny", vision_shape="tiny"),
     ),
     # Ordered so that a 10-minute GPU call measures what matters first (each phase saves its JSON).
@@ -51,9 +69,10 @@ PROFILES: dict[str, dict] = {
         shape="qwen2.5-0.5b", device="cuda", max_new_tokens=256, concurrency=[1, 64, 256], naive_concurrency=[1, 64],
         naive_cap_s=15.0, cap_s=120.0,
         variants={
-            "ours-process": ["--worker", "process"],  # the product's defaults on a GPU: CUDA graphs on
+            "ours-process": ["--worker", "process"],  # the product's defaults on a GPU: slot engine, CUDA graphs
+            "ours-process-library": ["--worker", "process", "--engine", "library"],  # transformers' CB, graphs on
             "ours-thread": ["--worker", "thread"],
-            "ours-process-library-graphs": ["--worker", "process", "--cuda-graphs", "library"],
+            "ours-process-slots-eager": ["--worker", "process", "--cuda-graphs", "off"],
         },
         flood_sessions=64, flood_words=400, idle=1000, media=True,
         mixed=dict(sessions=64, speech_streams=16, vision_streams=16, speech_dims="base", vision_shape="blip-base",

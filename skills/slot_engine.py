@@ -33,6 +33,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BATCH = (1, 2, 4, 8)
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
+WARM_PROMPT_LENGTH = 512  # prefill graphs captured at load, for one prompt up to this length
 CHECK_AGREEMENT = 0.9  # share of the probe's next-token predictions that must match
 
 
@@ -142,16 +143,14 @@ class SlotEngine:
         self.prompt_lengths = prompt_buckets(max_len)
         self.prefill_sizes = [p for p in PREFILL_BATCH if p <= slots]
         dev, i64 = self.device, torch.long
-        # Inputs every step copies into; graphs read views of these, so their addresses never change.
-        self._d_ids = torch.zeros(slots, dtype=i64, device=dev)
-        self._d_pos = torch.zeros(slots, dtype=i64, device=dev)
-        self._d_cols = torch.zeros(slots, dtype=i64, device=dev)
+        # Inputs every step copies into (one copy each way); graphs read views of these, so their
+        # addresses never change. Decode rows: token, position, cache column.
+        self._d_in = torch.zeros(3, slots, dtype=i64, device=dev)
+        self._d_ids, self._d_pos, self._d_cols = self._d_in
         self._d_rows = torch.arange(slots, dtype=i64, device=dev)[:, None]
         pmax, tmax = self.prefill_sizes[-1], self.prompt_lengths[-1]
-        self._p_ids = torch.zeros(pmax, tmax, dtype=i64, device=dev)
-        self._p_cols = torch.full((pmax, tmax), self.spare, dtype=i64, device=dev)
-        self._p_rows = torch.zeros(pmax, 1, dtype=i64, device=dev)
-        self._p_last = torch.zeros(pmax, dtype=i64, device=dev)
+        # Prefill: [batch, 2 + 2 * length]: slot, last prompt index, tokens, cache columns.
+        self._p_in = torch.zeros(pmax, 2 + 2 * tmax, dtype=i64, device=dev)
         self._p_pos = torch.arange(tmax, dtype=i64, device=dev)[None, :].expand(pmax, tmax)
         self.graphs_on = cuda_graphs and self.device.startswith("cuda")
         self._graphs: dict[tuple, tuple[Any, Any]] = {}  # key -> (graph, output tokens)
@@ -186,12 +185,14 @@ class SlotEngine:
 
     def _prefill_fn(self, batch: int, length: int) -> Any:
         torch = self.torch
-        ids, pos = self._p_ids[:batch, :length], self._p_pos[:batch, :length]
-        self.cache.set_prefill(self._p_rows[:batch], self._p_cols[:batch, :length])
+        packed = self._p_in[:batch, : 2 + 2 * length]
+        rows, last, ids, cols = packed[:, :1], packed[:, 1], packed[:, 2 : 2 + length], packed[:, 2 + length :]
+        pos = self._p_pos[:batch, :length]
+        self.cache.set_prefill(rows, cols)
         t = torch.arange(length, device=self.device)
         mask = (t[None, :] <= t[:, None])[None, None].expand(batch, 1, length, length)
         out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=self._masks(mask), cache=self.cache, use_cache=False)
-        last = out.last_hidden_state[torch.arange(batch, device=self.device), self._p_last[:batch]]
+        last = out.last_hidden_state[torch.arange(batch, device=self.device), last]
         return self._sample(self.head(last))
 
     def _run(self, key: tuple, fn: Callable[[], Any]) -> Any:
@@ -235,15 +236,13 @@ class SlotEngine:
         torch, n = self.torch, len(prompts)
         batch = bucket(n, self.prefill_sizes)
         length = bucket(max(len(p) for p in prompts), self.prompt_lengths)
-        ids = torch.zeros(batch, length, dtype=torch.long)
-        cols = torch.full((batch, length), self.spare, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            cols[i, : len(prompt)] = torch.arange(len(prompt))
-        self._p_ids[:batch, :length].copy_(ids)
-        self._p_cols[:batch, :length].copy_(cols)
-        self._p_rows[:batch, 0].copy_(torch.tensor(rows + [0] * (batch - n), dtype=torch.long))
-        self._p_last[:batch].copy_(torch.tensor([len(p) - 1 for p in prompts] + [0] * (batch - n), dtype=torch.long))
+        host = [[0, 0] + [0] * length + [self.spare] * length for _ in range(batch)]  # idle rows: spare column
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            n = len(prompt)
+            host[i][:2] = row, n - 1
+            host[i][2 : 2 + n] = prompt
+            host[i][2 + length : 2 + length + n] = range(n)
+        self._p_in[:batch, : 2 + 2 * length].copy_(torch.tensor(host, dtype=torch.long))
         tokens = self._run(("prefill", batch, length), lambda: self._prefill_fn(batch, length))
         self.steps += 1
         return tokens[:n].tolist()
@@ -253,25 +252,24 @@ class SlotEngine:
         torch = self.torch
         batch = bucket(max(rows) + 1, self.batch_sizes)
         context = bucket(max(pos for _, pos in rows.values()) + 1, self.contexts)
-        host = torch.zeros(3, batch, dtype=torch.long)
-        host[1].fill_(self.spare)  # idle rows: any position, written to the spare column
-        host[2].fill_(self.spare)
-        for slot, (token, pos) in rows.items():
-            host[0, slot], host[1, slot], host[2, slot] = token, pos, pos
-        self._d_ids[:batch].copy_(host[0])
-        self._d_pos[:batch].copy_(host[1])
-        self._d_cols[:batch].copy_(host[2])
+        ids, pos = [0] * batch, [self.spare] * batch  # idle rows: written to the spare column
+        for slot, (token, position) in rows.items():
+            ids[slot], pos[slot] = token, position
+        self._d_in[:, :batch].copy_(torch.tensor([ids, pos, pos], dtype=torch.long))
         tokens = self._run(("decode", batch, context), lambda: self._decode_fn(batch, context)).tolist()
         self.steps += 1
         return {slot: tokens[slot] for slot in rows}
 
     def warm(self, batch_sizes: list[int] | None = None) -> None:
-        """Capture the decode graphs for the smallest context bucket ahead of the first request."""
+        """Capture, ahead of the first request, the decode graphs for the smallest context bucket
+        and the prefill graphs for one prompt; the rest are captured when first needed."""
         if not self.graphs_on:
             return
         for batch in batch_sizes or self.batch_sizes:
             self.decode({batch - 1: (0, 0)})
-        self.prefill([0], [[0]])
+        for length in self.prompt_lengths:
+            if length <= WARM_PROMPT_LENGTH:
+                self.prefill([0], [[0] * length])
 
     # ------------------------------------------------------------------ the load-time check
 

@@ -129,15 +129,14 @@ class SlotScheduler:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            outputs: list[StreamOutput] = []
-            try:
-                self._prefill(outputs)
-                if self._running:
-                    self._decode(outputs)
-            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
-                log.exception("chat generation step failed")
-                self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
-            self._emit(outputs)
+            for step in (self._prefill, self._decode):  # first tokens go out before the decode step
+                outputs: list[StreamOutput] = []
+                try:
+                    step(outputs)
+                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                    log.exception("chat generation step failed")
+                    self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
+                self._emit(outputs)
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -166,13 +165,22 @@ class SlotScheduler:
             return
         for request, slot in zip(admitted, free):
             request.slot = slot
-        firsts = engine.prefill([r.slot for r in admitted], [r.prompt for r in admitted])
+        try:
+            firsts = engine.prefill([r.slot for r in admitted], [r.prompt for r in admitted])
+        except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
+            log.exception("chat prefill failed")
+            for request in admitted:
+                self._forget(request.request_id)
+                outputs.append(StreamOutput(request.request_id, [], True, f"{type(exc).__name__}: {exc}"))
+            return
         self._on_step(len(admitted))
         for request, token in zip(admitted, firsts):
             self._running[request.slot] = request
             self._advance(request, token, outputs)
 
     def _decode(self, outputs: list[StreamOutput]) -> None:
+        if not self._running:
+            return
         rows = {slot: (r.tokens[-1], len(r.prompt) + len(r.tokens) - 1) for slot, r in self._running.items()}
         tokens = self.engine.decode(rows)
         self._on_step(len(rows))

@@ -23,14 +23,14 @@ def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     tokens = result["settings"]["max_new_tokens"]
-    assert set(result["chat"]) == {"naive", "ours-thread", "ours-process"}
+    assert set(result["chat"]) == {"naive", "ours-thread", "ours-process", "ours-thread-library"}
     for name, runs in result["chat"].items():
         assert "error" not in runs, runs
         for n, run in runs.items():
             assert run["sessions"] == int(n) and run["completed"] == int(n), (name, run)
             assert run["completion_tokens"] == int(n) * tokens, (name, run)
             assert run["ttft_ms"]["p50"] > 0 and run["frames"] >= int(n) and run["loop_lag"]["probes"] > 0
-    for variant in ("ours-thread", "ours-process"):
+    for variant in ("ours-thread", "ours-process", "ours-thread-library"):
         assert set(result["ratios_vs_naive"][variant]) == {"1", "4"}
     web = result["web_process"]
     assert web["flood"]["completed"] == web["flood"]["sessions"] and web["flood"]["frames_per_s"] > 0

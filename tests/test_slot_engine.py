@@ -142,3 +142,76 @@ def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) 
         worker.close()
     with pytest.raises(ModelLoadError, match="ASSISTANT_CHAT_ENGINE=library"):
         load(folder, engine="slots")
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(wide_model: Path, reference: dict) -> None:
+    worker = load(wide_model, engine="slots")
+    engine = worker._manager.engine
+    prefill, decode = engine.prefill, engine.decode
+    failures = {"decode": 0}
+
+    def bad_prefill(rows: list[int], prompts: list[list[int]]) -> list[int]:
+        if any(99 in p for p in prompts):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return prefill(rows, prompts)
+
+    def bad_decode(rows: dict) -> dict:
+        if failures["decode"]:
+            failures["decode"] -= 1
+            raise RuntimeError("device lost (simulated)")
+        return decode(rows)
+
+    engine.prefill, engine.decode = bad_prefill, bad_decode
+    manager = worker._manager
+    results: dict = {}
+    try:
+        manager.add_request(input_ids=PROMPTS["long"], request_id="ok", max_new_tokens=MAX_NEW["long"])
+        collect(worker, results, lambda r: len(r.get("ok", ([],))[0]) >= 3)
+        manager.add_request(input_ids=[99, 98, 97], request_id="bad", max_new_tokens=10)
+        out = None
+        while out is None or out.request_id != "bad":
+            out = manager.get_result(timeout=5)
+            assert out is not None
+            if out.request_id == "ok":
+                results["ok"] = (list(out.generated_tokens), out.is_finished())
+        assert out.is_finished() and "out of memory" in out.error and out.generated_tokens == []
+        collect(worker, results, lambda r: r["ok"][1])  # the running request was not disturbed
+        assert results["ok"][0] == reference["long"]
+
+        failures["decode"] = 1
+        manager.add_request(input_ids=PROMPTS["mid"], request_id="lost", max_new_tokens=MAX_NEW["mid"])
+        while (out := manager.get_result(timeout=5)) is not None and not out.is_finished():
+            pass
+        assert out is not None and out.request_id == "lost" and "device lost" in out.error
+        manager.add_request(input_ids=PROMPTS["short"], request_id="after", max_new_tokens=MAX_NEW["short"])
+        collect(worker, results, lambda r: r.get("after", (0, False))[1])
+        assert results["after"][0] == reference["short"] and worker.is_running()
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu.sh runs this)")
+def test_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(wide_model: Path, reference: dict) -> None:
+    outputs = {}
+    for graphs in (False, True):
+        worker = ChatWorker(
+            ChatWorkerOptions(
+                model=str(wide_model), device="cuda", dtype="float32", max_new_tokens=64, context_tokens=256,
+                engine="slots", slots=4, cuda_graphs=graphs,
+            )
+        )
+        worker.load()
+        try:
+            assert worker._manager.engine.graphs_on is graphs
+            for name in ("short", "long", "mid", "late"):
+                worker._manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name])
+            results: dict = {}
+            collect(worker, results, lambda r: len(r) == 4 and all(done for _, done in r.values()))
+            if graphs:
+                assert worker._manager.engine._graphs, "no step was replayed from a graph"
+        finally:
+            worker.close()
+        outputs[graphs] = {name: tokens for name, (tokens, _) in results.items()}
+    assert outputs[True] == outputs[False]
+    agree = sum(outputs[True][n] == reference[n] for n in outputs[True])
+    assert agree >= 3, "the GPU's float32 kernels disagree with the CPU reference on more than a near-tie"
