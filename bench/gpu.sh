@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU run of the harness, as one command for a machine that has the project's Python packages
-# (or carries them as wheels in .whl/, installed to /tmp/site without touching the system).
-#   bash bench/gpu.sh [OUT_DIR]        # writes load_gpu.json, load_gpu.png and log.txt to OUT_DIR
+# The GPU run, as one command for a machine that has the project's Python packages (or carries them
+# as wheels in .whl/, installed to /tmp/site without touching the system).
+#   bash bench/gpu.sh OUT_DIR [STAGE ...]     # stages: tests profile load (default: all three)
+# tests:   the slot engine's GPU test (CUDA-graph steps generate what eager steps do)  -> OUT/gpu_tests.txt
+# profile: bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
+# load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520)            -> OUT/load_gpu.json, .png, log.txt
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/results}}
+shift || true
+STAGES=${*:-tests profile load}
 mkdir -p "$OUT_DIR"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -12,4 +17,16 @@ fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" "${@:2}" 2>&1 | tee "$OUT_DIR/log.txt"
+rc=0
+for stage in $STAGES; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    tests) timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_slot_engine.py 2>&1 | tee "$OUT_DIR/gpu_tests.txt" || rc=1 ;;
+    profile) timeout 240 python3 bench/profile_chat.py --sessions 1 64 --engines slots --window-s 1.0 \
+               --out "$OUT_DIR/profile_slots_gpu.json" || rc=1 ;;
+    load) timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" \
+            2>&1 | tee "$OUT_DIR/log.txt" || rc=1 ;;
+    *) echo "unknown stage $stage (tests, profile, load)"; exit 2 ;;
+  esac
+done
+exit $rc

@@ -23,12 +23,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def profile_loop(model_dir: Path, sessions: int, cuda_graphs: bool | None, window_s: float, device: str = "cuda") -> dict:
+def profile_loop(
+    model_dir: Path, sessions: int, cuda_graphs: bool | None, window_s: float, device: str = "cuda", engine: str = "library"
+) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from skills.chat_worker import ChatWorker, ChatWorkerOptions
 
-    worker = ChatWorker(ChatWorkerOptions(model=str(model_dir), device=device, max_new_tokens=4096, cuda_graphs=cuda_graphs))
+    worker = ChatWorker(
+        ChatWorkerOptions(
+            model=str(model_dir), device=device, max_new_tokens=4096, cuda_graphs=cuda_graphs, engine=engine,
+            slots=max(sessions, 1), context_tokens=256,
+        )
+    )
     worker.load()
     manager = worker._manager
     prompt = worker.tokenizer.apply_chat_template([{"role": "user", "content": "word " * 100}], add_generation_prompt=True)
@@ -41,7 +48,8 @@ def profile_loop(model_dir: Path, sessions: int, cuda_graphs: bool | None, windo
         t0 = time.perf_counter()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
-            samples = sample_thread(manager._generation_thread.ident, window_s)
+            thread = manager._thread if worker.engine == "slots" else manager._generation_thread
+            samples = sample_thread(thread.ident, window_s)
         wall = time.perf_counter() - t0
         steps = worker.steps - steps0
     finally:
@@ -54,6 +62,7 @@ def profile_loop(model_dir: Path, sessions: int, cuda_graphs: bool | None, windo
     top_cuda = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
     return {
         "sessions": sessions,
+        "engine": worker.engine,
         "cuda_graphs": cuda_graphs,
         "window_s": round(wall, 3),
         "steps": steps,
@@ -140,6 +149,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--window-s", type=float, default=1.5)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--engines", nargs="*", default=["slots", "library"], choices=["slots", "library"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model = args.model
@@ -151,11 +161,14 @@ def main() -> None:
     for n in args.sessions:
         result["plain_forward"].append(plain_forward(model, n, 120, device=args.device))
         print(result["plain_forward"][-1], flush=True)
-        for graphs in (None, True) if args.device == "cuda" else (None,):
+        configs = [(e, g) for e in args.engines for g in ((True, False) if args.device == "cuda" else (False,))]
+        for engine, graphs in configs:
             try:
-                result["loop"].append(profile_loop(model, n, graphs, args.window_s, args.device))
+                result["loop"].append(profile_loop(model, n, graphs, args.window_s, args.device, engine))
             except Exception as exc:  # noqa: BLE001 - keep the other measurements
-                result["loop"].append({"sessions": n, "cuda_graphs": graphs, "error": f"{type(exc).__name__}: {exc}"})
+                result["loop"].append(
+                    {"sessions": n, "engine": engine, "cuda_graphs": graphs, "error": f"{type(exc).__name__}: {exc}"}
+                )
             print(json.dumps(result["loop"][-1]), flush=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
