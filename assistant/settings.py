@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     speech_batch_wait_ms: float = 10.0
     # Most tokens decoded per 30-second window.
     speech_max_tokens: int = 224
+    # How 30-second windows are decoded: "static" (skills/speech_decoder.py: a static KV cache, each
+    # step one CUDA graph on a GPU), "library" (whisper.decode), or "auto" (static on a GPU, when it
+    # matches whisper's own decoder on a probe at load; library on the CPU, where it measured slower).
+    speech_engine: Literal["auto", "static", "library"] = "auto"
     # Send transcript.partial every this many seconds of new streamed audio (0 = never).
     speech_partial_seconds: float = 1.5
     # Limits for one utterance or upload, and the RMS level (full scale 1.0) below which it is silent.

@@ -2,7 +2,7 @@
 # The GPU run, as one command for a machine that has the project's Python packages (or carries them
 # as wheels in .whl/, installed to /tmp/site without touching the system).
 #   bash bench/gpu.sh OUT_DIR [STAGE ...]     # stages: tests profile load (default: all three)
-# tests:   the slot engine's GPU test (CUDA-graph steps generate what eager steps do)  -> OUT/gpu_tests.txt
+# tests:   the slot engine's and speech decoder's GPU tests (graph replay = eager steps)  -> OUT/gpu_tests.txt
 # profile: bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
 # load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520)            -> OUT/load_gpu.json, .png, log.txt
 set -uo pipefail
@@ -21,7 +21,7 @@ rc=0
 for stage in $STAGES; do
   echo "=== $stage ($(date +%T))"
   case $stage in
-    tests) timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_slot_engine.py 2>&1 | tee "$OUT_DIR/gpu_tests.txt" || rc=1 ;;
+    tests) timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_slot_engine.py tests/test_speech_decoder.py 2>&1 | tee "$OUT_DIR/gpu_tests.txt" || rc=1 ;;
     profile) timeout 240 python3 bench/profile_chat.py --sessions 1 64 --engines slots --window-s 1.0 \
                --out "$OUT_DIR/profile_slots_gpu.json" || rc=1 ;;
     load) timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" \

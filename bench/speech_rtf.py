@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=0, help="most utterances per decode (0 = --streams)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    ap.add_argument("--engine", choices=["auto", "static", "library"], default="auto", help="how our worker decodes windows")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speech_rtf.json")
     args = ap.parse_args()
 
@@ -124,7 +125,7 @@ def main() -> None:
         clips = make_audio(Path(tmp), args.streams)
         worker = SpeechWorker(
             SpeechWorkerOptions(model=str(path), device=device, language="en", batch_size=args.batch_size or args.streams,
-                                batch_wait_ms=5, max_tokens=args.max_tokens)
+                                batch_wait_ms=5, max_tokens=args.max_tokens, engine=args.engine)
         )  # fmt: skip
         worker.load()
         model = worker.model  # the same weights for both paths
@@ -152,6 +153,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "max_tokens_per_window": args.max_tokens,
+        "engine": "static" if worker.decoder is not None else "library",
         "streams": args.streams,
         "audio_seconds": {"single": round(audio_one, 3), "all_streams": round(audio_all, 3)},
         "single_stream": {

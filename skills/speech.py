@@ -49,6 +49,7 @@ def build_speech_skill(settings) -> SpeechSkill:  # noqa: ANN001 - assistant.set
             batch_size=settings.speech_batch_size,
             batch_wait_ms=settings.speech_batch_wait_ms,
             max_tokens=settings.speech_max_tokens,
+            engine=settings.speech_engine,
         ),
         # An empty ASSISTANT_SPEECH_MODEL turns speech off (status "disabled").
         enabled=settings.load_models and bool(settings.speech_model.strip()),

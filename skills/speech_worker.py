@@ -3,7 +3,9 @@
 Utterances from every session go into one queue. The thread takes what has arrived (waiting a few
 milliseconds for more when it finds only one), pads each utterance of up to 30 s to a 30-second
 log-mel segment and decodes them together with one ``whisper.decode(model, mel[N, n_mels, 3000])``.
-Requests that arrive while a batch runs wait in the queue and form the next batch. Audio longer
+Requests that arrive while a batch runs wait in the queue and form the next batch. On a GPU the
+windows go through ``skills.speech_decoder.StaticWhisperDecoder`` instead (the same greedy decoding
+with a static cache, each step one CUDA graph), when it matches whisper's own decoder at load. Audio longer
 than 30 s goes through ``model.transcribe`` on the float32 array (never a path: that would shell out
 to ffmpeg again). This is the in-process transport; torch and whisper are imported only here.
 """
@@ -38,6 +40,7 @@ class SpeechWorkerOptions:
     batch_size: int = 16  # most utterances decoded together
     batch_wait_ms: float = 10.0  # how long a lone utterance waits for company
     max_tokens: int = 224  # most tokens decoded per 30-second window
+    engine: str = "auto"  # static | library | auto (static on a GPU): see skills/speech_decoder.py
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class SpeechWorker:
     def __init__(self, options: SpeechWorkerOptions) -> None:
         self.options = options
         self.model: Any = None
+        self.decoder: Any = None  # the static-cache decoder, when it serves the 30-second windows
         self.device = "cpu"
         self.language: str | None = options.language
         self._queue: queue.Queue[_Request | None] = queue.Queue()
@@ -95,9 +99,40 @@ class SpeechWorker:
         self.model, self.device = model.eval(), device
         # English-only checkpoints have no language tokens: they cannot detect a language.
         self.language = opts.language or (None if model.is_multilingual else "en")
+        if opts.engine == "static" or (opts.engine == "auto" and device.startswith("cuda")):
+            self.decoder = self._static_decoder(opts.engine == "static")
         self._thread = threading.Thread(target=self._loop, name="speech-worker", daemon=True)
         self._thread.start()
         log.info("speech model %s loaded on %s", opts.model, device)
+
+    def _static_decoder(self, required: bool) -> Any:
+        """The static-cache decoder, checked against whisper's own on a probe; None (auto) if it differs."""
+        import numpy as np
+        import torch
+        import whisper
+
+        from skills.speech_decoder import StaticWhisperDecoder
+
+        t = np.arange(2 * SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+        probe = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)).astype(np.float32)  # a 2-second chirp
+        mel = whisper.log_mel_spectrogram(
+            whisper.pad_or_trim(torch.from_numpy(probe)), n_mels=self.model.dims.n_mels, device=self.model.device
+        )[None]
+        try:
+            decoder = StaticWhisperDecoder(
+                self.model, max_batch=self.options.batch_size, sample_len=self.options.max_tokens,
+                language=self.language, cuda_graphs=self.device.startswith("cuda"),
+            )
+            why = decoder.check(mel)
+        except Exception as exc:  # noqa: BLE001 - a checkpoint this decoder cannot drive
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            if required:
+                raise ModelLoadError(f"the static speech decoder does not fit this model ({why}); set ASSISTANT_SPEECH_ENGINE=library")
+            log.warning("the static speech decoder does not fit this model (%s); using whisper.decode", why)
+            return None
+        decoder.warm()
+        return decoder
 
     def close(self) -> None:
         thread, self._thread = self._thread, None
@@ -190,6 +225,11 @@ class SpeechWorker:
                 for r in reqs
             ]
         )
+        self.decode_calls += 1
+        self.batch_sizes.append(len(reqs))
+        if self.decoder is not None:
+            decode = self.decoder.tokenizer.decode
+            return [Transcription(decode(r.tokens).strip(), r.language, len(r.tokens)) for r in self.decoder.decode(mels)]
         options = whisper.DecodingOptions(
             language=self.language,
             without_timestamps=True,
@@ -198,8 +238,6 @@ class SpeechWorker:
         )
         with torch.inference_mode():
             results = whisper.decode(model, mels, options)
-        self.decode_calls += 1
-        self.batch_sizes.append(len(reqs))
         return [Transcription(res.text.strip(), res.language, len(res.tokens)) for res in results]
 
     def _transcribe_long(self, reqs: list[_Request]) -> list[Transcription]:

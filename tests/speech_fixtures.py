@@ -22,17 +22,26 @@ FORMATS = {
 MIME = {"wav": "audio/wav", "webm": "audio/webm", "ogg": "audio/ogg", "mp3": "audio/mpeg", "m4a": "audio/mp4"}
 
 
-def build_tiny_whisper(path: Path, *, seed: int = 0) -> Path:
-    """A one-layer Whisper with English-only vocabulary dims, saved as whisper.load_model reads it."""
+def build_tiny_whisper(
+    path: Path, *, seed: int = 0, multilingual: bool = False, weight_std: float | None = None
+) -> Path:
+    """A one-layer Whisper, English-only vocabulary dims unless ``multilingual``, saved as
+    whisper.load_model reads it. The default initialisation gives near-uniform logits, whose argmax
+    changes with the batch's rounding; ``weight_std`` (about 0.25) gives every step a clear winner."""
     import torch
     import whisper.model
 
     dims = whisper.model.ModelDimensions(
         n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-        n_vocab=51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1,
+        n_vocab=51865 if multilingual else 51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = whisper.model.Whisper(dims)
+    if weight_std is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, weight_std)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path

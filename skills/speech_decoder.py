@@ -1,0 +1,245 @@
+"""Whisper's greedy 30-second-window decoding with a static KV cache, replayable from CUDA graphs.
+
+``whisper.decode`` grows its key/value cache by concatenation, so every step has new shapes and runs
+eagerly: on the H200 run in bench/README.md its decode loop was launch-bound like the chat model's.
+Here each batch bucket (1, 2, 4, ... up to the worker's batch size) has fixed buffers: the log-mel
+input, the cross-attention keys and values (computed once per window, with the encoder), and a
+self-attention cache of ``n_text_ctx`` columns. Two functions run on them, each one CUDA graph per
+batch bucket on a GPU:
+
+- ``encode``: the model's own ``AudioEncoder`` on the mel batch, then every decoder block's
+  cross-attention key and value projections;
+- ``step``: one token per row at one shared position, through the model's own decoder modules
+  (layer norms, projections, MLPs), attention over the static cache under a ``column <= position``
+  mask, then whisper's logit filters (its suppressed tokens; blank and end-of-text at the first
+  sampled step) and argmax.
+
+The result is what ``whisper.decode`` returns with ``temperature=0, without_timestamps=True`` (the
+speech worker's options); ``check`` compares the two on a probe at load. Torch is imported only by
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from skills.slot_engine import bucket
+
+log = logging.getLogger(__name__)
+
+PROBE_TOKENS = 12  # tokens compared with whisper.decode at load
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    tokens: list[int]
+    language: str | None
+
+
+class StaticWhisperDecoder:
+    def __init__(self, model: Any, *, max_batch: int, sample_len: int, language: str | None, cuda_graphs: bool) -> None:
+        import torch
+        import whisper
+
+        self.torch, self.whisper, self.model = torch, whisper, model
+        dims = model.dims
+        self.device = str(model.device)
+        self.fp16 = self.device.startswith("cuda")
+        self.dtype = torch.float16 if self.fp16 else torch.float32
+        self.n_ctx = dims.n_text_ctx
+        self.language = language
+        self.tokenizer = whisper.tokenizer.get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language=language or "en", task="transcribe"
+        )
+        options = whisper.DecodingOptions(language=language, without_timestamps=True, sample_len=sample_len, fp16=self.fp16)
+        task = whisper.decoding.DecodingTask(model, options)  # the library's own token rules, read once
+        self.initial = list(task.initial_tokens)
+        self.sot_index = task.sot_index
+        self.sample_len = min(task.sample_len, self.n_ctx - len(self.initial))
+        vocab = dims.n_vocab
+        self._suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._suppress[list(task._get_suppress_tokens())] = True
+        self._blank = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._blank[self.tokenizer.encode(" ") + [self.tokenizer.eot]] = True
+        self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]
+        layers, state, dev = dims.n_text_layer, dims.n_text_state, self.device
+        self._mel = torch.zeros(max_batch, dims.n_mels, 3000, dtype=self.dtype, device=dev)
+        self._audio = torch.zeros(max_batch, dims.n_audio_ctx, dims.n_audio_state, dtype=self.dtype, device=dev)
+        def pair(length: int) -> tuple[Any, Any]:
+            return tuple(torch.zeros(max_batch, length, state, dtype=self.dtype, device=dev) for _ in range(2))
+
+        self._cross = [pair(dims.n_audio_ctx) for _ in range(layers)]  # keys, values of the audio
+        self._self = [pair(self.n_ctx) for _ in range(layers)]  # keys, values of the tokens so far
+        self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._first = torch.zeros(1, dtype=torch.bool, device=dev)
+        self._columns = torch.arange(self.n_ctx, device=dev)
+        self.graphs_on = cuda_graphs and self.fp16
+        self._graphs: dict[tuple, tuple[Any, Any]] = {}
+        self._pool: Any = None
+
+    # ------------------------------------------------------------------ the captured functions
+
+    def _encode_fn(self, batch: int) -> Any:
+        audio = self.model.encoder(self._mel[:batch])
+        self._audio[:batch].copy_(audio)
+        for block, (k, v) in zip(self.model.decoder.blocks, self._cross):
+            k[:batch].copy_(block.cross_attn.key(audio))
+            v[:batch].copy_(block.cross_attn.value(audio))
+        return self._audio
+
+    def _attend(self, attn: Any, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        b, t, state = q.shape
+        heads = attn.n_head
+        q, k, v = (x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
+        out = self.torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.out(out.transpose(1, 2).reshape(b, t, state))
+
+    def _step_fn(self, batch: int) -> Any:
+        return self._logits_fn(batch).argmax(dim=-1)
+
+    def _logits_fn(self, batch: int) -> Any:
+        """The filtered next-token logits of every row, [batch, vocab]."""
+        decoder = self.model.decoder
+        tokens, pos = self._tokens[:batch], self._pos
+        x = decoder.token_embedding(tokens) + decoder.positional_embedding.index_select(0, pos)
+        x = x.to(self.dtype)
+        mask = (self._columns <= pos)[None, None, None, :]
+        for block, (ck, cv), (sk, sv) in zip(decoder.blocks, self._cross, self._self):
+            h = block.attn_ln(x)
+            sk[:batch].index_copy_(1, pos, block.attn.key(h))
+            sv[:batch].index_copy_(1, pos, block.attn.value(h))
+            x = x + self._attend(block.attn, block.attn.query(h), sk[:batch], sv[:batch], mask)
+            h = block.cross_attn_ln(x)
+            x = x + self._attend(block.cross_attn, block.cross_attn.query(h), ck[:batch], cv[:batch], None)
+            x = x + block.mlp(block.mlp_ln(x))
+        x = decoder.ln(x)
+        logits = (x[:, -1] @ decoder.token_embedding.weight.to(x.dtype).T).float()
+        return logits.masked_fill(self._suppress | (self._first & self._blank), float("-inf"))
+
+    def _run(self, key: tuple, fn: Any) -> Any:
+        if not self.graphs_on:
+            return fn()
+        entry = self._graphs.get(key)
+        if entry is None:
+            torch = self.torch
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = fn()
+            except Exception:  # noqa: BLE001 - a model whose step cannot be captured still runs eagerly
+                log.exception("could not capture the speech step %s as a CUDA graph; running without graphs", key)
+                self.graphs_on = False
+                return fn()
+            entry = self._graphs[key] = (graph, out)
+        entry[0].replay()
+        return entry[1]
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, mels: Any) -> list[WindowResult]:
+        """Greedy transcripts of ``mels`` ([n, n_mels, 3000], n up to the largest batch bucket)."""
+        torch = self.torch
+        n = mels.shape[0]
+        batch = bucket(n, self.batch_sizes)
+        with torch.inference_mode():
+            self._mel[:n].copy_(mels)
+            audio = self._run(("encode", batch), lambda: self._encode_fn(batch))
+            initial = [list(self.initial) for _ in range(n)]
+            languages: list[str | None] = [self.language] * n
+            if self.language is None:
+                lang_tokens, probs = self.model.detect_language(audio[:n].clone(), self.tokenizer)
+                languages = [max(p, key=p.get) for p in probs]
+                for row, token in zip(initial, lang_tokens.tolist()):
+                    row[self.sot_index + 1] = token
+            prompt = len(self.initial)
+            out: list[list[int]] = [[] for _ in range(n)]
+            done = [False] * n
+            eot = self.tokenizer.eot
+            feed = [0] * batch
+            for pos in range(prompt + self.sample_len - 1):
+                if pos < prompt:
+                    feed[:n] = [row[pos] for row in initial]
+                self._tokens[:batch, 0].copy_(torch.tensor(feed, dtype=torch.long))
+                self._pos.fill_(pos)
+                self._first.fill_(pos == prompt - 1)
+                sampled = self._run(("step", batch), lambda: self._step_fn(batch))
+                if pos < prompt - 1:
+                    continue
+                tokens = sampled[:n].tolist()
+                for i, token in enumerate(tokens):
+                    if done[i]:
+                        continue
+                    if token == eot:
+                        done[i] = True
+                    else:
+                        out[i].append(token)
+                feed[:n] = tokens
+                if all(done):
+                    break
+        return [WindowResult(tokens, language) for tokens, language in zip(out, languages)]
+
+    def warm(self) -> None:
+        """Capture every batch bucket's graphs ahead of the first utterance."""
+        if not self.graphs_on:
+            return
+        for batch in self.batch_sizes:
+            self.decode(self.torch.zeros(batch, self._mel.shape[1], 3000, device=self.device))
+
+    def check(self, mel: Any) -> str | None:
+        """Compare this decoder with whisper's own on ``mel`` ([1, n_mels, 3000]); return why they
+        differ, or None. Teacher-forced on ``whisper.decode``'s tokens, every step's logits must match
+        the library decoder's (a near-tie may flip a token of a random-weight model; a wrong cache
+        changes the logits); then graph replay must give what eager steps give."""
+        torch, whisper = self.torch, self.whisper
+        probe = min(self.sample_len, PROBE_TOKENS)
+        options = whisper.DecodingOptions(language=self.language, without_timestamps=True, sample_len=probe, fp16=self.fp16)
+        graphs, self.graphs_on = self.graphs_on, False
+        try:
+            with torch.inference_mode():
+                result = whisper.decode(self.model, mel, options)[0]
+                tokens = self.initial[:]
+                if self.language is None:
+                    tokens[self.sot_index + 1] = self.tokenizer.to_language_token(result.language)
+                tokens += result.tokens
+                self._mel[:1].copy_(mel)
+                audio = self._encode_fn(1)[:1]
+                want = self.model.decoder(torch.tensor([tokens], device=self.device), audio)[0]
+                prompt = len(self.initial)
+                got = []
+                for pos, token in enumerate(tokens[:-1] if result.tokens else tokens):
+                    self._tokens[0, 0] = token
+                    self._pos.fill_(pos)
+                    self._first.fill_(pos == prompt - 1)
+                    logits = self._logits_fn(1)[0]
+                    if pos >= prompt - 1:
+                        got.append(logits)
+                got = torch.stack(got)
+                want = want[prompt - 1 : prompt - 1 + len(got)]
+                want = want.masked_fill(torch.isinf(got), float("-inf"))
+                finite = torch.isfinite(want)
+                scale = want[finite].abs().max().clamp(min=1.0)
+                err = ((got - want).abs()[finite].max() / scale).item()
+                if not bool(torch.equal(torch.isfinite(got), finite)) or err > (2e-2 if self.fp16 else 1e-3):
+                    return f"its logits differ from whisper's own decoder by {err:.2e} of their scale"
+        finally:
+            self.graphs_on = graphs
+        if graphs:
+            eager_state = self.graphs_on
+            self.graphs_on = False
+            eager = self.decode(mel)[0].tokens
+            self.graphs_on = eager_state
+            replayed = self.decode(mel)[0].tokens
+            if self.graphs_on and replayed != eager:
+                log.warning("speech steps replayed from CUDA graphs disagree with eager steps; running without graphs")
+                self.graphs_on = False
+        return None

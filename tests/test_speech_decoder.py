@@ -1,0 +1,128 @@
+"""The static-cache Whisper decoder (skills/speech_decoder.py) transcribes exactly what
+``whisper.decode`` does, alone and in batches, with the language given or detected; its load-time
+check catches a decoder that attends where it should not; and the worker picks it as configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skills.lifecycle import ModelLoadError
+from skills.speech_worker import SpeechWorker, SpeechWorkerOptions
+from tests.speech_fixtures import build_tiny_whisper, speak
+
+SENTENCES = ["what is in this photo", "turn the lights off in the kitchen", "seven plus five is twelve"]
+SAMPLE_LEN = 30
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    import whisper
+
+    folder = tmp_path_factory.mktemp("sentences")
+    out = []
+    for i, text in enumerate(SENTENCES):
+        (folder / str(i)).mkdir()
+        out.append(whisper.load_audio(str(speak(folder / str(i), text))))
+    return out
+
+
+def mels(model, clips: list[np.ndarray]):  # noqa: ANN001, ANN201
+    import torch
+    import whisper
+
+    return torch.stack(
+        [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), n_mels=model.dims.n_mels) for c in clips]
+    )
+
+
+def load(path: Path):  # noqa: ANN201
+    import whisper
+
+    return whisper.load_model(str(path), device="cpu")
+
+
+@pytest.mark.parametrize("multilingual", [False, True], ids=["english-only", "multilingual-detect"])
+def test_static_decoder_matches_whisper_decode(tmp_path: Path, clips: list[np.ndarray], multilingual: bool) -> None:
+    import whisper
+
+    from skills.speech_decoder import StaticWhisperDecoder
+
+    model = load(build_tiny_whisper(tmp_path / "w.pt", multilingual=multilingual, weight_std=0.25, seed=3))
+    language = None if multilingual else "en"
+    batch = mels(model, clips)
+    options = whisper.DecodingOptions(language=language, without_timestamps=True, sample_len=SAMPLE_LEN, fp16=False)
+    want = whisper.decode(model, batch, options)
+    assert len({tuple(r.tokens) for r in want}) == len(clips), "the test model says the same for every clip"
+    decoder = StaticWhisperDecoder(model, max_batch=4, sample_len=SAMPLE_LEN, language=language, cuda_graphs=False)
+    assert decoder.check(batch[:1]) is None
+    together = decoder.decode(batch)  # 3 clips in the batch bucket of 4
+    alone = [decoder.decode(batch[i : i + 1])[0] for i in range(len(clips))]
+    for ours, ref in zip(together, want):
+        assert ours.tokens == ref.tokens and ours.language == ref.language
+        assert decoder.tokenizer.decode(ours.tokens).strip() == ref.text
+    assert [r.tokens for r in alone] == [r.tokens for r in want]
+    if multilingual:
+        assert all(r.language in whisper.tokenizer.LANGUAGES for r in together)
+
+
+def test_the_load_check_catches_a_decoder_that_reads_future_columns(tmp_path: Path, clips: list[np.ndarray]) -> None:
+    from skills.speech_decoder import StaticWhisperDecoder
+
+    model = load(build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3))
+    decoder = StaticWhisperDecoder(model, max_batch=2, sample_len=SAMPLE_LEN, language="en", cuda_graphs=False)
+    decoder.decode(mels(model, clips[1:2]))  # leaves another utterance's keys in the cache
+    decoder._columns -= 3  # the mask now opens three columns past the current position
+    why = decoder.check(mels(model, clips[:1]))
+    assert why is not None and "differ" in why
+
+
+def test_the_worker_decodes_through_the_static_decoder_when_told(tmp_path: Path, clips: list[np.ndarray]) -> None:
+    import whisper
+
+    path = build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)
+    options = dict(model=str(path), device="cpu", language="en", max_tokens=SAMPLE_LEN, batch_wait_ms=50)
+    library = SpeechWorker(SpeechWorkerOptions(**options))  # auto: whisper.decode on the CPU
+    static = SpeechWorker(SpeechWorkerOptions(**options, engine="static"))
+    texts = {}
+    for name, worker in (("library", library), ("static", static)):
+        worker.load()
+        try:
+            futures = [worker.submit(c) for c in clips]
+            texts[name] = [f.result(timeout=60).text for f in futures]
+            assert max(worker.batch_sizes) > 1, "the utterances were not decoded together"
+        finally:
+            worker.close()
+    assert library.decoder is None and static.decoder is not None
+    assert texts["static"] == texts["library"]
+    model = whisper.load_model(str(path), device="cpu")
+    want = whisper.decode(model, mels(model, clips), whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=SAMPLE_LEN, fp16=False))
+    assert texts["static"] == [r.text for r in want]
+
+
+def test_a_static_decoder_that_does_not_fit_is_a_load_error(tmp_path: Path) -> None:
+    """Asked for explicitly, a static decoder that cannot be built (no batch bucket here) stops the load."""
+    path = build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)
+    worker = SpeechWorker(SpeechWorkerOptions(model=str(path), device="cpu", engine="static", batch_size=0))
+    with pytest.raises(ModelLoadError, match="ASSISTANT_SPEECH_ENGINE=library"):
+        worker.load()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu.sh runs this)")
+def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path) -> None:
+    import whisper
+
+    from skills.speech_decoder import StaticWhisperDecoder
+
+    model = whisper.load_model(str(build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)), device="cuda")
+    t = np.arange(32000, dtype=np.float32) / 16000  # chirps: the GPU machine has no espeak-ng
+    clips = [(0.3 * np.sin(2 * np.pi * (f + 300 * t) * t)).astype(np.float32) for f in (150, 300, 600)]
+    batch = mels(model, clips).cuda()
+    decoder = StaticWhisperDecoder(model, max_batch=4, sample_len=SAMPLE_LEN, language="en", cuda_graphs=True)
+    assert decoder.check(batch[:1]) is None and decoder.graphs_on
+    replayed = [r.tokens for r in decoder.decode(batch)]
+    assert decoder._graphs, "no step was replayed from a graph"
+    decoder.graphs_on = False
+    assert replayed == [r.tokens for r in decoder.decode(batch)]
