@@ -238,10 +238,10 @@ class SlotEngine:
         length = bucket(max(len(p) for p in prompts), self.prompt_lengths)
         host = [[0, 0] + [0] * length + [self.spare] * length for _ in range(batch)]  # idle rows: spare column
         for i, (row, prompt) in enumerate(zip(rows, prompts)):
-            n = len(prompt)
-            host[i][:2] = row, n - 1
-            host[i][2 : 2 + n] = prompt
-            host[i][2 + length : 2 + length + n] = range(n)
+            size = len(prompt)
+            host[i][:2] = row, size - 1
+            host[i][2 : 2 + size] = prompt
+            host[i][2 + length : 2 + length + size] = range(size)
         self._p_in[:batch, : 2 + 2 * length].copy_(torch.tensor(host, dtype=torch.long))
         tokens = self._run(("prefill", batch, length), lambda: self._prefill_fn(batch, length))
         self.steps += 1

@@ -167,6 +167,8 @@ class SlotScheduler:
             request.slot = slot
         try:
             firsts = engine.prefill([r.slot for r in admitted], [r.prompt for r in admitted])
+            if len(firsts) != len(admitted):
+                raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(admitted)} prompts")
         except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
             log.exception("chat prefill failed")
             for request in admitted:

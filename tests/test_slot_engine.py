@@ -94,6 +94,28 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(wide_model
     assert worker.max_concurrent_requests == 3, "requests did not share the decode steps"
 
 
+def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> None:
+    """Twelve turns at once, prompts shorter than the burst: every one is prefilled, none is lost."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompts = {f"b{i}": [20 + i] * (1 + i % 2) for i in range(12)}
+    model = AutoModelForCausalLM.from_pretrained(wide_model).eval()
+    want = {
+        rid: model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p) :].tolist()
+        for rid, p in prompts.items()
+    }
+    worker = load(wide_model, engine="slots")
+    try:
+        for rid, prompt in prompts.items():
+            worker._manager.add_request(input_ids=prompt, request_id=rid, max_new_tokens=8)
+        results: dict = {}
+        collect(worker, results, lambda r: len(r) == len(prompts) and all(done for _, done in r.values()))
+    finally:
+        worker.close()
+    assert {rid: tokens for rid, (tokens, _) in results.items()} == want
+
+
 def test_a_reply_stops_at_its_end_of_sequence_token(wide_model: Path, reference: dict) -> None:
     want = reference["long"]
     stop = next(i for i, t in enumerate(want) if i >= 4 and t not in want[:i])
