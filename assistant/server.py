@@ -113,6 +113,10 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             "models": {k: {"source": m.source, "model": m.model, "note": m.note} for k, m in model_plan.skills.items()},
             "skills": {s.name: s.model_dump(exclude={"name"}) for s in states},
         }
+        for name, skill in skill_map.items():  # which engine serves each loaded model skill
+            engine = skill.status().extra.get("engine")
+            if engine:
+                body["skills"][name]["engine"] = engine
         return JSONResponse(body)
 
     @app.get("/metrics", tags=["ops"])

@@ -20,29 +20,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
 from skills.lifecycle import ModelLoadError
+from skills.slot_scheduler import StreamOutput
 
 log = logging.getLogger(__name__)
 
 STATS_EVERY = 0.1  # seconds between occupancy reports while nothing else is sent
 START_TIMEOUT = 900.0  # seconds a model may take to load in the child
-
-
-@dataclass
-class ProcessOutput:
-    """What ``ChatRun`` reads of transformers' ``GenerationOutput``."""
-
-    request_id: str
-    generated_tokens: list[int]
-    finished: bool
-    error: str | None = None
-
-    def is_finished(self) -> bool:
-        return self.finished
 
 
 class ChatProcessWorker:
@@ -53,6 +40,7 @@ class ChatProcessWorker:
         self.max_positions: int | None = None
         self.recent_prompts: deque[tuple[str, str]] = deque(maxlen=32)
         self.steps = 0
+        self.engine = ""  # the child's batching engine, once loaded
         self._max_concurrent = 0
         self._kv_free = 1.0
         self._active: set[str] = set()
@@ -88,6 +76,7 @@ class ChatProcessWorker:
         local = {"local_files_only": True} if self.options.local_files_only else {}
         self.tokenizer = AutoTokenizer.from_pretrained(self.options.model, **local)
         self.eos_token_ids, self.max_positions = info["eos_token_ids"], info["max_positions"]
+        self.engine = info["engine"]
         self._conn, self._alive = parent, True
         threading.Thread(target=self._read, name="chat-worker-reader", daemon=True).start()
         log.info("chat model %s loaded in worker process %d", self.options.model, self._proc.pid)
@@ -183,13 +172,13 @@ class ChatProcessWorker:
             tokens.extend(new_tokens)
             if finished:
                 del self._handlers[request_id]
-            handler(ProcessOutput(request_id, list(tokens), finished, error))
+            handler(StreamOutput(request_id, list(tokens), finished, error))
         self._apply_stats(stats)
 
     def _fail_all(self, reason: str) -> None:
         handlers, self._handlers = self._handlers, {}
         for request_id, (handler, tokens) in handlers.items():
-            handler(ProcessOutput(request_id, list(tokens), True, reason))
+            handler(StreamOutput(request_id, list(tokens), True, reason))
 
 
 # ---------------------------------------------------------------------- the child process
@@ -203,7 +192,7 @@ def serve(options: ChatWorkerOptions, conn: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - the parent turns this into the skill's unavailable state
         conn.send(("error", str(exc)))
         return
-    conn.send(("ready", {"eos_token_ids": worker.eos_token_ids, "max_positions": worker.max_positions}))
+    conn.send(("ready", {"eos_token_ids": worker.eos_token_ids, "max_positions": worker.max_positions, "engine": worker.engine}))
     send_lock = threading.Lock()
     stop = threading.Event()
     cancelled: deque[str] = deque()  # the pump forgets these requests

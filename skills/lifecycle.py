@@ -31,7 +31,11 @@ class ModelSkill:
         self._ready = asyncio.Event()
 
     def status(self) -> SkillStatus:
-        return SkillStatus(state=self._state, detail=self._detail, extra={"model": self.worker.options.model})  # type: ignore[arg-type]
+        extra = {"model": self.worker.options.model}  # type: ignore[attr-defined]
+        engine = getattr(self.worker, "engine", None)  # which batching engine serves, once loaded
+        if isinstance(engine, str) and engine:
+            extra["engine"] = engine
+        return SkillStatus(state=self._state, detail=self._detail, extra=extra)
 
     async def start(self) -> None:
         if not self._enabled:

@@ -125,14 +125,12 @@ class SlotEngine:
         self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
-        cfg = model.config.get_text_config()
         self.device = str(next(model.parameters()).device)
         self.dtype = next(model.parameters()).dtype
         self.slots = slots
         self.max_len = max_len
         self.spare = max_len  # the column idle rows and padding write to
         self.sampling = sampling
-        self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
         layers, kv_heads, head_dim = _kv_shape(model)
         self.cache = SlotCache(
             torch, layers=layers, slots=slots, kv_heads=kv_heads, head_dim=head_dim,
@@ -172,15 +170,12 @@ class SlotEngine:
         gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_(1e-10, 1.0)))
         return (scores + gumbel).argmax(dim=-1)
 
-    def _masks(self, mask: Any) -> dict[str, Any]:
-        return {layer_type: mask for layer_type in self.layer_types}
-
     def _decode_fn(self, batch: int, context: int) -> Any:
         torch = self.torch
         ids, pos = self._d_ids[:batch, None], self._d_pos[:batch, None]
         self.cache.set_decode(self._d_rows[:batch], self._d_cols[:batch, None], context)
         mask = torch.arange(context, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
-        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=self._masks(mask), cache=self.cache, use_cache=False)
+        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
         return self._sample(self.head(out.last_hidden_state[:, -1]))
 
     def _prefill_fn(self, batch: int, length: int) -> Any:
@@ -191,7 +186,7 @@ class SlotEngine:
         self.cache.set_prefill(rows, cols)
         t = torch.arange(length, device=self.device)
         mask = (t[None, :] <= t[:, None])[None, None].expand(batch, 1, length, length)
-        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=self._masks(mask), cache=self.cache, use_cache=False)
+        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
         last = out.last_hidden_state[torch.arange(batch, device=self.device), last]
         return self._sample(self.head(last))
 

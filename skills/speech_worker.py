@@ -140,6 +140,13 @@ class SpeechWorker:
             self._queue.put(None)
             thread.join(timeout=30)
 
+    @property
+    def engine(self) -> str:
+        """How 30-second windows are decoded: "static" or "library" ("" before loading)."""
+        if self.model is None:
+            return ""
+        return "static" if self.decoder is not None else "library"
+
     # ------------------------------------------------------------------ serving (any thread)
 
     def is_running(self) -> bool:

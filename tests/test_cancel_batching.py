@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import LiveServer, make_settings, start_server, ws_client
@@ -33,8 +34,8 @@ def long_server(
         chat_engine=request.param[1],
     )
     live = start_server(settings)
-    if request.param[0] == "thread":
-        assert live.app.state.skills["chat"].worker.engine == request.param[1]
+    health = httpx.get(f"{live.http}/healthz").json()
+    assert health["skills"]["chat"]["engine"] == request.param[1]
     yield live
     live.stop()
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import httpx
 
+from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.offline.prepare import OFFLINE_MODELS
 from tests.conftest import LiveServer, ws_client
 
 
@@ -16,6 +20,43 @@ def test_health_announces_the_offline_profile(real_server: LiveServer) -> None:
     assert health["model_profile"] == "offline"
     assert health["models"]["chat"]["source"] == "offline"
     assert health["skills"]["chat"]["state"] == "ready"
+    # The real SmolLM2 (Llama architecture) passes the slot engine's load-time check.
+    assert health["skills"]["chat"]["engine"] == "slots"
+
+
+def test_the_slot_engine_generates_what_generate_does_with_real_weights(offline_models: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = offline_models / OFFLINE_MODELS["chat"].folder
+    worker = ChatWorker(ChatWorkerOptions(model=str(folder), device="cpu", max_new_tokens=40, engine="slots", slots=4))
+    worker.load()
+    questions = ["What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?"]
+    prompts = {
+        f"q{i}": worker.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        for i, q in enumerate(questions)
+    }
+    prompts = {k: list(v["input_ids"]) if not isinstance(v, list) else v for k, v in prompts.items()}
+    try:
+        for rid, prompt in prompts.items():
+            worker._manager.add_request(input_ids=prompt, request_id=rid, max_new_tokens=40, eos_token_id=worker.eos_token_ids)
+        got: dict[str, list[int]] = {}
+        deadline = time.monotonic() + 120
+        while len(got) < len(prompts) and time.monotonic() < deadline:
+            out = worker._manager.get_result(timeout=0.1)
+            if out is not None and out.is_finished():
+                assert out.error is None
+                got[out.request_id] = list(out.generated_tokens)
+    finally:
+        worker.close()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    for rid, prompt in prompts.items():
+        want = model.generate(
+            torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=worker.eos_token_ids,
+            pad_token_id=worker.eos_token_ids[0],
+        )[0, len(prompt) :].tolist()
+        assert got[rid] == want, (rid, worker.tokenizer.decode(got[rid]), worker.tokenizer.decode(want))
+    assert "Paris" in worker.tokenizer.decode(got["q0"])
 
 
 def test_three_turn_conversation_with_sensible_answers(real_server: LiveServer) -> None:
