@@ -11,6 +11,7 @@ from typing import Any
 from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
 from skills.chat_process import ChatProcessWorker
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.detokenize import IncrementalDetokenizer
 from skills.lifecycle import ModelLoadError, ModelSkill
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ChatRun:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = False
         self._tokens: list[int] = []
-        self._sent = ""
+        self._text = IncrementalDetokenizer(worker.tokenizer)
 
     def on_output(self, output: Any) -> None:
         self._queue.put_nowait(output)
@@ -67,13 +68,6 @@ class ChatRun:
             self._cancelled = True
             self._worker.cancel(self.request_id)
             self._queue.put_nowait(None)
-
-    def _text_delta(self, final: bool) -> str:
-        text = self._worker.tokenizer.decode(self._tokens, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            return ""
-        delta, self._sent = text[len(self._sent) :], text
-        return delta
 
     async def __aiter__(self) -> AsyncIterator[str]:
         finished = False
@@ -88,17 +82,18 @@ class ChatRun:
             items = [item]
             while not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            for out in items:
-                if out is None:
-                    continue
+            outs = [out for out in items if out is not None]
+            for out in outs:
                 if out.error:
                     raise SkillError("generation_failed", f"generation failed: {out.error}")
-                self._tokens = [t for t in out.generated_tokens if t not in self._worker.eos_token_ids]
-                self.usage.completion_tokens = len(out.generated_tokens)
                 finished = finished or out.is_finished()
+            if outs:  # each output holds every token so far: the last one is enough
+                generated = outs[-1].generated_tokens
+                self.usage.completion_tokens = len(generated)
+                self._tokens = generated[:-1] if generated and generated[-1] in self._worker.eos_token_ids else generated
             if self._cancelled:
                 break
-            delta = self._text_delta(final=finished)
+            delta = self._text.delta(self._tokens, final=finished)
             if delta:
                 yield delta
 

@@ -82,3 +82,22 @@ def test_three_turn_conversation_with_sensible_answers(real_server: LiveServer) 
     assert "rome" in answers[1].lower(), answers
     third = answers[2].lower()
     assert "paris" in third and "rome" in third, answers
+
+
+def test_streamed_deltas_of_the_real_tokenizer_join_to_its_decode(offline_models: Path) -> None:
+    import random
+
+    from transformers import AutoTokenizer
+
+    from skills.detokenize import IncrementalDetokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(offline_models / OFFLINE_MODELS["chat"].folder)
+    text = "Paris is the capital of France.\n\n- Café déjà vu: 東京 🚀, naïve ∑ x² ≥ 0.  Two  spaces, `code()`;\tend 👍🏽"
+    tokens = tokenizer(text * 4)["input_ids"]
+    rng = random.Random(0)
+    detok, deltas, n = IncrementalDetokenizer(tokenizer), [], 0
+    while n < len(tokens):
+        n = min(len(tokens), n + rng.randint(1, 3))
+        deltas.append(detok.delta(tokens[:n], final=n == len(tokens)))
+    assert "".join(deltas) == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert all("\ufffd" not in d for d in deltas)
