@@ -115,6 +115,18 @@ class Sampling:
     top_p: float = 1.0
 
 
+class Step:
+    """A launched decode step: its tokens, once the device has them."""
+
+    def __init__(self, tokens: Any, done: Any) -> None:
+        self._tokens, self._done = tokens, done
+
+    def tokens(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._tokens.tolist()
+
+
 class SlotEngine:
     """Owns the static cache and the step functions (eager, or replayed from CUDA graphs)."""
 
@@ -141,15 +153,18 @@ class SlotEngine:
         self.prompt_lengths = prompt_buckets(max_len)
         self.prefill_sizes = [p for p in PREFILL_BATCH if p <= slots]
         dev, i64 = self.device, torch.long
-        # Inputs every step copies into (one copy each way); graphs read views of these, so their
-        # addresses never change. Decode rows: token, position, cache column.
-        self._d_in = torch.zeros(3, slots, dtype=i64, device=dev)
-        self._d_ids, self._d_pos, self._d_cols = self._d_in
+        # The decode state of every slot, kept on the device: input token, position, cache column,
+        # busy (0/1). A step advances it itself (its token becomes the next input, busy rows move
+        # one position on), so consecutive steps need nothing from the host; the host patches only
+        # the rows that join or leave. Graphs read views of these, whose addresses never change.
+        self._d_in = torch.zeros(4, slots, dtype=i64, device=dev)
+        self._d_ids, self._d_pos, self._d_cols, self._d_busy = self._d_in
         self._d_rows = torch.arange(slots, dtype=i64, device=dev)[:, None]
         pmax, tmax = self.prefill_sizes[-1], self.prompt_lengths[-1]
         # Prefill: [batch, 2 + 2 * length]: slot, last prompt index, tokens, cache columns.
         self._p_in = torch.zeros(pmax, 2 + 2 * tmax, dtype=i64, device=dev)
         self._p_pos = torch.arange(tmax, dtype=i64, device=dev)[None, :].expand(pmax, tmax)
+        self.reset()
         self.graphs_on = cuda_graphs and self.device.startswith("cuda")
         self._graphs: dict[tuple, tuple[Any, Any]] = {}  # key -> (graph, output tokens)
         self._pool: Any = None
@@ -176,7 +191,12 @@ class SlotEngine:
         self.cache.set_decode(self._d_rows[:batch], self._d_cols[:batch, None], context)
         mask = torch.arange(context, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
         out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
-        return self._sample(self.head(out.last_hidden_state[:, -1]))
+        tokens = self._sample(self.head(out.last_hidden_state[:, -1]))
+        # Advance the state for the next step: this token in, busy rows one position on.
+        self._d_ids[:batch].copy_(tokens)
+        self._d_pos[:batch].add_(self._d_busy[:batch])
+        self._d_cols[:batch].copy_(self._d_pos[:batch])
+        return tokens
 
     def _prefill_fn(self, batch: int, length: int) -> Any:
         torch = self.torch
@@ -242,17 +262,44 @@ class SlotEngine:
         self.steps += 1
         return tokens[:n].tolist()
 
-    def decode(self, rows: dict[int, tuple[int, int]]) -> dict[int, int]:
-        """One step for every busy slot: ``rows`` maps slot -> (last token, its position)."""
+    def reset(self) -> None:
+        """Every slot idle."""
+        self._d_in.copy_(self._idle_state(self.slots))
+
+    def _idle_state(self, n: int) -> Any:
+        return self.torch.tensor([[0] * n, [self.spare] * n, [self.spare] * n, [0] * n], dtype=self.torch.long)
+
+    def patch(self, rows: dict[int, tuple[int, int] | None]) -> None:
+        """Set the decode state of some slots: (input token, its position) for a busy one, None for
+        one that becomes idle (its position and writes go to the spare column). One copy."""
+        if not rows:
+            return
         torch = self.torch
+        slots = list(rows)
+        values = [[0, self.spare, self.spare, 0] if rows[s] is None else [rows[s][0], rows[s][1], rows[s][1], 1] for s in slots]
+        self._d_in[:, torch.tensor(slots, dtype=torch.long)] = torch.tensor(values, dtype=torch.long).T.to(self.device)
+
+    def launch(self, batch: int, context: int) -> Step:
+        """Queue one decode step over slots ``[:batch]`` from the state on the device; attention
+        reads ``context`` columns (at least every busy row's position + 1). Returns at once on a
+        GPU; ``Step.tokens()`` waits for the result."""
+        tokens = self._run(("decode", batch, context), lambda: self._decode_fn(batch, context))
+        self.steps += 1
+        if not self.device.startswith("cuda"):
+            return Step(tokens, None)
+        host = self.torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)  # ordered before the next replay overwrites ``tokens``
+        done = self.torch.cuda.Event()
+        done.record()
+        return Step(host, done)
+
+    def decode(self, rows: dict[int, tuple[int, int]]) -> dict[int, int]:
+        """One step for exactly the slots in ``rows`` (slot -> (last token, its position)), waited for."""
+        self.reset()
+        self.patch(rows)
         batch = bucket(max(rows) + 1, self.batch_sizes)
         context = bucket(max(pos for _, pos in rows.values()) + 1, self.contexts)
-        ids, pos = [0] * batch, [self.spare] * batch  # idle rows: written to the spare column
-        for slot, (token, position) in rows.items():
-            ids[slot], pos[slot] = token, position
-        self._d_in[:, :batch].copy_(torch.tensor([ids, pos, pos], dtype=torch.long))
-        tokens = self._run(("decode", batch, context), lambda: self._decode_fn(batch, context)).tolist()
-        self.steps += 1
+        tokens = self.launch(batch, context).tokens()
         return {slot: tokens[slot] for slot in rows}
 
     def warm(self, batch_sizes: list[int] | None = None) -> None:
@@ -265,6 +312,7 @@ class SlotEngine:
         for length in self.prompt_lengths:
             if length <= WARM_PROMPT_LENGTH:
                 self.prefill([0], [[0] * length])
+        self.reset()
 
     # ------------------------------------------------------------------ the load-time check
 
@@ -299,4 +347,5 @@ class SlotEngine:
             self.graphs_on = graphs
             self.sampling = saved
             self._graphs.clear()
+            self.reset()
         return None

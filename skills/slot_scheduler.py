@@ -3,7 +3,9 @@ together, streams the new tokens out.
 
 One generation thread owns the engine. Each turn of its loop: apply the queued adds and cancels,
 prefill the oldest waiting prompts into free slots (as many as fit ``max_prefill_tokens`` padded),
-then run one decode step for every busy slot. Outputs go to a handler registered from an event
+queue one decode step for every busy slot, then read the tokens of the step queued the turn before
+(one step in flight: on a GPU the host's work overlaps the next step; a request that finished or
+was cancelled meanwhile has one token computed for nothing, which is dropped). Outputs go to a handler registered from an event
 loop (one ``call_soon_threadsafe`` per loop per step, for every request that advanced) or else to a
 queue read by ``get_result``, the calls the chat worker's two transports already make of
 transformers' ``ContinuousBatchingManager``.
@@ -46,6 +48,7 @@ class _Request:
     eos: frozenset[int]
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
+    pending: int = 0  # decode steps launched for it whose tokens are not read yet
 
 
 class SlotScheduler:
@@ -59,6 +62,8 @@ class SlotScheduler:
         self._thread: threading.Thread | None = None
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # slot -> request
+        self._patches: dict[int, tuple[int, int] | None] = {}  # slot -> its new decode input, or None: idle
+        self._inflight: tuple[Any, dict[int, _Request]] | None = None  # a launched step not read yet
         self._known: set[str] = set()  # waiting or running, as the event loop sees it
         self._lock = threading.Lock()
         self._handlers: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
@@ -125,18 +130,25 @@ class SlotScheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._apply_commands()
-            if not self._waiting and not self._running:
+            if not self._waiting and not self._running and self._inflight is None:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            for step in (self._prefill, self._decode):  # first tokens go out before the decode step
-                outputs: list[StreamOutput] = []
-                try:
-                    step(outputs)
-                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
-                    log.exception("chat generation step failed")
-                    self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
-                self._emit(outputs)
+            outputs: list[StreamOutput] = []
+            self._prefill(outputs)
+            self._emit(outputs)  # first tokens go out before the decode step
+            outputs = []
+            try:
+                # Queue the next step first, then read the one before it: on a GPU the host's work
+                # on step k's tokens overlaps step k+1.
+                launched = self._launch()
+                inflight, self._inflight = self._inflight, launched
+                if inflight is not None:
+                    self._collect(inflight, outputs)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                log.exception("chat generation step failed")
+                self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
+            self._emit(outputs)
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -148,6 +160,7 @@ class SlotScheduler:
             for slot, request in list(self._running.items()):
                 if request.request_id == arg:
                     del self._running[slot]
+                    self._patches[slot] = None
             self._forget(arg)
             self._dropped.discard(arg)
 
@@ -178,16 +191,32 @@ class SlotScheduler:
         self._on_step(len(admitted))
         for request, token in zip(admitted, firsts):
             self._running[request.slot] = request
+            self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
             self._advance(request, token, outputs)
 
-    def _decode(self, outputs: list[StreamOutput]) -> None:
+    def _launch(self) -> tuple[Any, dict[int, _Request]] | None:
+        """Queue a decode step for every busy slot (the device already holds each one's next input;
+        only joined and left slots are patched). Returns the step and who was in it."""
         if not self._running:
-            return
-        rows = {slot: (r.tokens[-1], len(r.prompt) + len(r.tokens) - 1) for slot, r in self._running.items()}
-        tokens = self.engine.decode(rows)
-        self._on_step(len(rows))
-        for slot, token in tokens.items():
-            self._advance(self._running[slot], token, outputs)
+            return None
+        engine = self.engine
+        engine.patch(self._patches)
+        self._patches = {}
+        # A request's input position counts the step still in flight, whose token the host has not read.
+        last = max(len(r.prompt) + len(r.tokens) - 1 + r.pending for r in self._running.values())
+        step = engine.launch(bucket(max(self._running) + 1, engine.batch_sizes), bucket(last + 1, engine.contexts))
+        for request in self._running.values():
+            request.pending += 1
+        self._on_step(len(self._running))
+        return step, dict(self._running)
+
+    def _collect(self, inflight: tuple[Any, dict[int, _Request]], outputs: list[StreamOutput]) -> None:
+        step, members = inflight
+        tokens = step.tokens()
+        for slot, request in members.items():
+            request.pending -= 1
+            if self._running.get(slot) is request:  # not finished, cancelled or failed meanwhile
+                self._advance(request, tokens[slot], outputs)
 
     def _advance(self, request: _Request, token: int, outputs: list[StreamOutput]) -> None:
         request.tokens.append(token)
@@ -198,11 +227,17 @@ class SlotScheduler:
         )
         if done:
             del self._running[request.slot]
+            self._patches[request.slot] = None
             self._forget(request.request_id)
         outputs.append(StreamOutput(request.request_id, list(request.tokens), done))
 
     def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
         running, self._running = self._running, {}
+        self._inflight, self._patches = None, {}
+        try:
+            self.engine.reset()
+        except Exception:  # noqa: BLE001 - the device may be gone; the next step reports it
+            log.exception("could not reset the chat engine's decode state")
         for request in running.values():
             self._forget(request.request_id)
             outputs.append(StreamOutput(request.request_id, list(request.tokens), True, error))

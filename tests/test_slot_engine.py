@@ -169,7 +169,7 @@ def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) 
 def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(wide_model: Path, reference: dict) -> None:
     worker = load(wide_model, engine="slots")
     engine = worker._manager.engine
-    prefill, decode = engine.prefill, engine.decode
+    prefill, launch = engine.prefill, engine.launch
     failures = {"decode": 0}
 
     def bad_prefill(rows: list[int], prompts: list[list[int]]) -> list[int]:
@@ -177,13 +177,13 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(wide_model: P
             raise RuntimeError("CUDA out of memory (simulated)")
         return prefill(rows, prompts)
 
-    def bad_decode(rows: dict) -> dict:
+    def bad_launch(batch: int, context: int):  # noqa: ANN202
         if failures["decode"]:
             failures["decode"] -= 1
             raise RuntimeError("device lost (simulated)")
-        return decode(rows)
+        return launch(batch, context)
 
-    engine.prefill, engine.decode = bad_prefill, bad_decode
+    engine.prefill, engine.launch = bad_prefill, bad_launch
     manager = worker._manager
     results: dict = {}
     try:
