@@ -275,9 +275,15 @@ class SlotEngine:
         if not rows:
             return
         torch = self.torch
-        slots = list(rows)
-        values = [[0, self.spare, self.spare, 0] if rows[s] is None else [rows[s][0], rows[s][1], rows[s][1], 1] for s in slots]
-        self._d_in[:, torch.tensor(slots, dtype=torch.long)] = torch.tensor(values, dtype=torch.long).T.to(self.device)
+        # Columns: slot, then its four state values. Pinned and non-blocking on a GPU, so the copy
+        # queues behind the step in flight instead of waiting for it.
+        host = torch.tensor(
+            [[s, 0, self.spare, self.spare, 0] if v is None else [s, v[0], v[1], v[1], 1] for s, v in rows.items()],
+            dtype=torch.long,
+        ).T
+        on_gpu = self.device.startswith("cuda")
+        packed = host.contiguous().pin_memory().to(self.device, non_blocking=True) if on_gpu else host
+        self._d_in[:, packed[0]] = packed[1:]
 
     def launch(self, batch: int, context: int) -> Step:
         """Queue one decode step over slots ``[:batch]`` from the state on the device; attention
