@@ -115,6 +115,17 @@ class Sampling:
     top_p: float = 1.0
 
 
+class _CpuReplay:
+    """A stand-in for a captured CUDA graph where there is none (tests turn ``graphs_on`` on for a
+    CPU engine): a replay runs the step again and leaves its tokens in the captured output."""
+
+    def __init__(self, fn: Callable[[], Any], out: Any) -> None:
+        self._fn, self._out = fn, out
+
+    def replay(self) -> None:
+        self._out.copy_(self._fn())
+
+
 class Step:
     """A launched decode step: its tokens, once the device has them."""
 
@@ -225,12 +236,21 @@ class SlotEngine:
 
     def _capture(self, key: tuple, fn: Callable[[], Any]) -> tuple[Any, Any] | None:
         torch = self.torch
+        if not self.device.startswith("cuda"):  # tests: the same warm-up and replay order, on the CPU
+            state = self._d_in.clone()
+            for _ in range(3):  # two warm-ups and the capture, none of which may advance the state
+                tokens = fn()
+                self._d_in.copy_(state)
+            self._graphs[key] = (_CpuReplay(fn, tokens), tokens)
+            return self._graphs[key]
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
+            state = self._d_in.clone()  # a decode step advances it: each warm-up run starts from here
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: cuBLAS handles, lazy kernels
                     fn()
+                    self._d_in.copy_(state)
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -292,7 +312,7 @@ class SlotEngine:
         tokens = self._run(("decode", batch, context), lambda: self._decode_fn(batch, context))
         self.steps += 1
         if not self.device.startswith("cuda"):
-            return Step(tokens, None)
+            return Step(tokens.clone(), None)  # a replayed step's output is overwritten by the next
         host = self.torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)  # ordered before the next replay overwrites ``tokens``
         done = self.torch.cuda.Event()

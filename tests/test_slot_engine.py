@@ -61,11 +61,18 @@ def collect(worker: ChatWorker, results: dict, until, timeout: float = 60) -> No
             results[out.request_id] = (list(out.generated_tokens), out.is_finished())
 
 
-def test_slots_generate_what_generate_does_while_requests_come_and_go(wide_model: Path, reference: dict) -> None:
+@pytest.mark.parametrize("replay", [False, True], ids=["eager", "replayed"])
+def test_slots_generate_what_generate_does_while_requests_come_and_go(
+    wide_model: Path, reference: dict, replay: bool
+) -> None:
+    """``replayed``: every step goes through the graph capture and replay path (its CPU stand-in):
+    warm-up runs, a capture that must not advance the decode state, one replay per step."""
     worker = load(wide_model, engine="slots", slots=3)
     try:
         assert worker.engine == "slots"
         manager = worker._manager
+        engine = manager.engine
+        engine.graphs_on = replay
 
         def add(name: str, **kw: object) -> None:
             manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name], streaming=True, **kw)
@@ -92,6 +99,9 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(wide_model
     mid, finished = results["mid"]
     assert not finished and 10 <= len(mid) < MAX_NEW["mid"] and mid == reference["mid"][: len(mid)]
     assert worker.max_concurrent_requests == 3, "requests did not share the decode steps"
+    if replay:
+        kinds = {key[0] for key in engine._graphs}
+        assert kinds == {"decode", "prefill"}, "the steps were not replayed"
 
 
 def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> None:
