@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from skills.cuda_graphs import capture
+
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -45,17 +47,9 @@ def bucket(n: int, sizes: tuple[int, ...] | list[int]) -> int:
     return sizes[-1]
 
 
-def context_buckets(max_len: int) -> list[int]:
-    """Powers of two from MIN_CONTEXT_BUCKET below ``max_len``, then ``max_len`` itself."""
-    sizes, size = [], MIN_CONTEXT_BUCKET
-    while size < max_len:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_len]
-
-
-def prompt_buckets(max_len: int) -> list[int]:
-    sizes, size = [], MIN_PROMPT_BUCKET
+def doubling_buckets(first: int, max_len: int) -> list[int]:
+    """Powers of two from ``first`` below ``max_len``, then ``max_len`` itself."""
+    sizes, size = [], first
     while size < max_len:
         sizes.append(size)
         size *= 2
@@ -160,8 +154,8 @@ class SlotEngine:
             max_len=max_len, dtype=self.dtype, device=self.device,
         )
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < slots] + [slots]
-        self.contexts = context_buckets(max_len)
-        self.prompt_lengths = prompt_buckets(max_len)
+        self.contexts = doubling_buckets(MIN_CONTEXT_BUCKET, max_len)
+        self.prompt_lengths = doubling_buckets(MIN_PROMPT_BUCKET, max_len)
         self.prefill_sizes = [p for p in PREFILL_BATCH if p <= slots]
         dev, i64 = self.device, torch.long
         # The decode state of every slot, kept on the device: input token, position, cache column,
@@ -244,19 +238,9 @@ class SlotEngine:
             self._graphs[key] = (_CpuReplay(fn, tokens), tokens)
             return self._graphs[key]
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
             state = self._d_in.clone()  # a decode step advances it: each warm-up run starts from here
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: cuBLAS handles, lazy kernels
-                    fn()
-                    self._d_in.copy_(state)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                tokens = fn()
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            graph, tokens = capture(torch, fn, self._pool, after_warmup=lambda: self._d_in.copy_(state))
         except Exception:  # noqa: BLE001 - a model whose forward cannot be captured still runs eagerly
             log.exception("could not capture the chat step %s as a CUDA graph; running without graphs", key)
             self.graphs_on = False

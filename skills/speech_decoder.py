@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from skills.cuda_graphs import capture
 from skills.slot_engine import bucket
 
 log = logging.getLogger(__name__)
@@ -126,16 +127,8 @@ class StaticWhisperDecoder:
         if entry is None:
             torch = self.torch
             try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        fn()
-                torch.cuda.current_stream().wait_stream(stream)
                 self._pool = self._pool or torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = fn()
+                graph, out = capture(torch, fn, self._pool)
             except Exception:  # noqa: BLE001 - a model whose step cannot be captured still runs eagerly
                 log.exception("could not capture the speech step %s as a CUDA graph; running without graphs", key)
                 self.graphs_on = False
