@@ -159,7 +159,10 @@ class ChatWorker:
                 sampling=Sampling(opts.temperature, opts.top_p), cuda_graphs=on_gpu and opts.cuda_graphs is not False,
             )
             why = engine.check(tokenizer(PROBE_TEXT)["input_ids"][:32])
+            if why is None:
+                engine.warm()
         except Exception as exc:  # noqa: BLE001 - a model the engine cannot drive at all
+            log.warning("the slot engine failed on chat model %s", opts.model, exc_info=True)
             why = f"{type(exc).__name__}: {exc}"
         if why:
             if opts.engine == "slots":
@@ -168,8 +171,9 @@ class ChatWorker:
                 )
             log.warning("chat model %s: the slot engine does not fit (%s); using the library's engine", opts.model, why)
             del engine
+            if on_gpu:
+                torch.cuda.empty_cache()  # the library sizes its cache from the memory left free
             return None
-        engine.warm()
         scheduler = SlotScheduler(
             engine, max_prefill_tokens=GPU_MAX_PREFILL_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS, on_step=self._count_step
         )

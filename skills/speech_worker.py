@@ -124,14 +124,16 @@ class SpeechWorker:
                 language=self.language, cuda_graphs=self.device.startswith("cuda"),
             )
             why = decoder.check(mel)
+            if why is None:
+                decoder.warm()
         except Exception as exc:  # noqa: BLE001 - a checkpoint this decoder cannot drive
+            log.warning("the static speech decoder failed on this model", exc_info=True)
             why = f"{type(exc).__name__}: {exc}"
         if why:
             if required:
                 raise ModelLoadError(f"the static speech decoder does not fit this model ({why}); set ASSISTANT_SPEECH_ENGINE=library")
             log.warning("the static speech decoder does not fit this model (%s); using whisper.decode", why)
             return None
-        decoder.warm()
         return decoder
 
     def close(self) -> None:
