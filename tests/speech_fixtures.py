@@ -38,10 +38,9 @@ def build_tiny_whisper(
     torch.manual_seed(seed)
     model = whisper.model.Whisper(dims)
     if weight_std is not None:
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() > 1:
-                    param.normal_(0.0, weight_std)
+        from tests.tiny_models import widen_weights
+
+        widen_weights(model, weight_std)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path

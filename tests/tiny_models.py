@@ -37,6 +37,16 @@ def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
     return len(vocab)
 
 
+def widen_weights(model, std: float) -> None:  # noqa: ANN001 - any torch module
+    """Redraw every weight matrix from N(0, std): a random model whose next token has a clear winner."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, std)
+
+
 def build_tiny_chat_model(
     folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32, weight_std: float | None = None
 ) -> Path:
@@ -67,9 +77,7 @@ def build_tiny_chat_model(
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         if weight_std is not None:
-            for param in model.parameters():
-                if param.dim() > 1:
-                    param.normal_(0.0, weight_std)
+            widen_weights(model, weight_std)
         # Never pick a special token: keeps the output printable and the length predictable.
         model.lm_head.weight[:3] = 0
         model.model.embed_tokens.weight[:3] = 0
