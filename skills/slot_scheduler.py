@@ -90,8 +90,6 @@ class SlotScheduler:
     ) -> str | None:
         if not self.is_running():
             return None
-        if not input_ids or len(input_ids) >= self.engine.max_len:
-            raise ValueError(f"a prompt must hold 1 to {self.engine.max_len - 1} tokens, not {len(input_ids)}")
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else ([] if eos_token_id is None else [eos_token_id])
         request = _Request(request_id, list(input_ids), max(1, max_new_tokens), frozenset(eos))
         with self._lock:
@@ -154,7 +152,12 @@ class SlotScheduler:
         while self._commands:
             kind, arg = self._commands.popleft()
             if kind == "add":
-                self._waiting.append(arg)
+                if 0 < len(arg.prompt) < self.engine.max_len:
+                    self._waiting.append(arg)
+                    continue
+                self._forget(arg.request_id)  # fails alone, with a reason; the others go on
+                why = f"a prompt must hold 1 to {self.engine.max_len - 1} tokens, not {len(arg.prompt)}"
+                self._emit([StreamOutput(arg.request_id, [], True, why)])
                 continue
             self._waiting = deque(r for r in self._waiting if r.request_id != arg)
             for slot, request in list(self._running.items()):

@@ -126,6 +126,29 @@ def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> Non
     assert {rid: tokens for rid, (tokens, _) in results.items()} == want
 
 
+def test_a_prompt_that_does_not_fit_its_slot_fails_alone(wide_model: Path, reference: dict) -> None:
+    worker = load(wide_model, engine="slots")  # a slot holds context_tokens + max_new_tokens = 320
+    manager = worker._manager
+    try:
+        manager.add_request(input_ids=[7] * 400, request_id="huge", max_new_tokens=4)
+        manager.add_request(input_ids=[], request_id="empty", max_new_tokens=4)
+        manager.add_request(input_ids=PROMPTS["short"], request_id="ok", max_new_tokens=MAX_NEW["short"])
+        errors, results = {}, {}
+        deadline = time.monotonic() + 60
+        while not results.get("ok", (0, False))[1] and time.monotonic() < deadline:
+            out = manager.get_result(timeout=0.05)
+            if out is None:
+                continue
+            if out.error:
+                errors[out.request_id] = out.error
+            else:
+                results[out.request_id] = (out.generated_tokens, out.is_finished())
+    finally:
+        worker.close()
+    assert set(errors) == {"huge", "empty"} and "not 400" in errors["huge"] and "not 0" in errors["empty"]
+    assert results["ok"] == (reference["short"], True)
+
+
 def test_a_reply_stops_at_its_end_of_sequence_token(wide_model: Path, reference: dict) -> None:
     want = reference["long"]
     stop = next(i for i, t in enumerate(want) if i >= 4 and t not in want[:i])
