@@ -68,6 +68,7 @@ class StaticWhisperDecoder:
         layers, state, dev = dims.n_text_layer, dims.n_text_state, self.device
         self._mel = torch.zeros(max_batch, dims.n_mels, 3000, dtype=self.dtype, device=dev)
         self._audio = torch.zeros(max_batch, dims.n_audio_ctx, dims.n_audio_state, dtype=self.dtype, device=dev)
+
         def pair(length: int) -> tuple[Any, Any]:
             return tuple(torch.zeros(max_batch, length, state, dtype=self.dtype, device=dev) for _ in range(2))
 
