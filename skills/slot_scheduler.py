@@ -168,6 +168,8 @@ class SlotScheduler:
             self._dropped.discard(arg)
 
     def _prefill(self, outputs: list[StreamOutput]) -> None:
+        if not self._waiting or len(self._running) == self.engine.slots:
+            return
         free = [s for s in range(self.engine.slots) if s not in self._running]
         admitted: list[_Request] = []
         engine = self.engine
