@@ -248,7 +248,7 @@ class DialogueManager:
                 )
             turn_id = new_id()
             status = p.TurnStatus.queued if busy else p.TurnStatus.received
-            user_msg, reply = store.add_turn(
+            reply_id, position = store.add_turn(
                 db,
                 session=sess,
                 turn_id=turn_id,
@@ -258,7 +258,7 @@ class DialogueManager:
                 skill_override=event.skill,
                 input_kind=input_kind,
             )
-            turn = _Turn(turn_id, sess.id, reply.id, user_msg.position, text, tuple(event.attachment_ids), event.skill)
+            turn = _Turn(turn_id, sess.id, reply_id, position, text, tuple(event.attachment_ids), event.skill)
             turn.image_ids = tuple(image_ids)
             preface = on_store(db, turn_id) if on_store is not None else None
             # Logged in the turn's own transaction: stored and acknowledged together.

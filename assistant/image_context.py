@@ -37,7 +37,9 @@ def turn_attachments(db: Session, *, user_id: str, session_id: str, ids: Sequenc
 
 
 def image_context(db: Session, *, session_id: str, messages: Sequence[Message]) -> ImageContext:
-    images = {a.id for a in session_attachments(db, session_id=session_id, kind="image")}
+    # Only a session whose messages name attachments needs its images looked up.
+    mentioned = any(m.attachment_ids for m in messages)
+    images = {a.id for a in session_attachments(db, session_id=session_id, kind="image")} if mentioned else set()
     registry: list[str] = []
     focus: str | None = None
     last_question: str | None = None

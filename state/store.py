@@ -7,10 +7,11 @@ import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from state.models import ChatSession, Event, Message, Token, User, utcnow
+from state.models import ChatSession, Event, Message, Token, User, new_id, utcnow
 
 UNFINISHED = ("received", "queued", "routed", "running")
 
@@ -104,57 +105,45 @@ def add_turn(
     status: str,
     skill_override: str | None,
     input_kind: str = "text",
-) -> tuple[Message, Message]:
-    """Store a user message and its (empty) assistant message, which carries the turn's status."""
-    last = db.scalar(select(func.max(Message.position)).where(Message.session_id == session.id))
+) -> tuple[str, int]:
+    """Store a user message and its (empty) assistant message, which carries the turn's status.
+    Returns (the reply's id, the user message's position). Core statements: a turn is admitted on
+    the event loop, and a burst of them waits on this."""
+    conn = db.connection()
+    last = conn.execute(_LAST_POSITION, {"sid": session.id}).scalar()
     pos = (last if last is not None else -1) + 1
-    user_msg = Message(
-        session_id=session.id,
-        turn_id=turn_id,
-        position=pos,
-        role="user",
-        text=text,
-        input=input_kind,
-        status="completed",
-        attachment_ids=list(attachment_ids),
-    )
-    reply = Message(
-        session_id=session.id,
-        turn_id=turn_id,
-        position=pos + 1,
-        role="assistant",
-        text="",
-        status=status,
-        skill_override=skill_override,
-        attachment_ids=[],
-    )
-    db.add_all([user_msg, reply])
+    reply_id = new_id()
+    common = {"session_id": session.id, "turn_id": turn_id}  # the other columns take their defaults
+    conn.execute(
+        insert(_messages_t),
+        [
+            {**common, "id": new_id(), "position": pos, "role": "user", "text": text, "input": input_kind,
+             "status": "completed", "skill_override": None, "attachment_ids": list(attachment_ids)},
+            {**common, "id": reply_id, "position": pos + 1, "role": "assistant", "text": "", "input": "text",
+             "status": status, "skill_override": skill_override, "attachment_ids": []},
+        ],
+    )  # fmt: skip
+    values: dict[str, object] = {"updated_at": utcnow()}
     if session.title == "New chat" and text.strip():
-        session.title = " ".join(text.split())[:60]
-    session.updated_at = utcnow()
-    db.flush()
-    return user_msg, reply
+        values["title"] = " ".join(text.split())[:60]
+    conn.execute(update(_sessions_t).where(_sessions_t.c.id == session.id).values(**values))
+    for key, value in values.items():  # the caller's object agrees with the row, without a flush
+        set_committed_value(session, key, value)
+    return reply_id, pos
 
 
-def get_reply(db: Session, *, session_id: str, turn_id: str) -> Message | None:
-    return db.scalar(
-        select(Message).where(Message.session_id == session_id, Message.turn_id == turn_id, Message.role == "assistant")
-    )
-
-
-def history(db: Session, *, session_id: str, before_position: int | None = None) -> Sequence[Message]:
-    """Messages in order; with ``before_position``, only those before it."""
-    stmt = select(Message).where(Message.session_id == session_id)
+def history(db: Session, *, session_id: str, before_position: int | None = None) -> Sequence[Row]:
+    """Messages in order, as read-only rows with ``Message``'s columns as attributes; with
+    ``before_position``, only those before it."""
+    stmt = select(_messages_t).where(_messages_t.c.session_id == session_id)
     if before_position is not None:
-        stmt = stmt.where(Message.position < before_position)
-    return db.scalars(stmt.order_by(Message.position)).all()
+        stmt = stmt.where(_messages_t.c.position < before_position)
+    return db.connection().execute(stmt.order_by(_messages_t.c.position)).all()
 
 
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
-    # No ORM session synchronisation: no caller holds the row as an object in the same transaction.
-    db.execute(
-        update(Message).where(Message.id == message_id).values(**fields).execution_options(synchronize_session=False)
-    )
+    # A Core statement: no caller holds the row as an object in the same transaction.
+    db.connection().execute(update(_messages_t).where(_messages_t.c.id == message_id).values(**fields))
 
 
 def unfinished_replies(db: Session) -> Sequence[Message]:
@@ -172,6 +161,7 @@ _BUMP_SEQ = (
     .values(last_seq=_sessions_t.c.last_seq + bindparam("n"))
     .returning(_sessions_t.c.last_seq)
 )
+_LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.session_id == bindparam("sid"))
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
