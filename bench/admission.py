@@ -1,0 +1,115 @@
+"""Turn admission under a burst: 64 sessions on open connections send a turn at once, N times.
+
+The server runs the model-free flood skill (one word a reply), so what is measured is the web
+process's own work per turn: store it, route it, stream the first frame, finish it. Prints the
+client-side time to first token (p50/p95 per burst, and their medians); with ``--py-spy`` (the
+``py-spy`` tool installed) it also samples the server for the bursts and prints its CPU time per turn.
+
+    .venv/bin/python bench/admission.py --bursts 10 [--py-spy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+
+from bench.load import _session  # noqa: E402
+
+SESSIONS = 64
+
+
+async def bursts(url: str, token: str, n: int, on_ready) -> list[tuple[float, float]]:  # noqa: ANN001
+    conns = []
+    for _ in range(SESSIONS):
+        ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"})
+        conns.append((ws, await _session(ws)))
+    await asyncio.sleep(1.0)
+    on_ready()
+
+    async def one(ws, sid: str) -> float:  # noqa: ANN001
+        sent, first = time.perf_counter(), None
+        await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": "hi", "event_id": "t"}))
+        while True:
+            raw = await ws.recv()
+            if first is None and '"response.delta"' in raw[:64]:
+                first = time.perf_counter() - sent
+            if '"response.done"' in raw[:64]:
+                return first
+
+    out = []
+    for _ in range(n):
+        ttfts = sorted(await asyncio.gather(*(one(ws, sid) for ws, sid in conns)))
+        out.append((ttfts[len(ttfts) // 2] * 1e3, ttfts[int(len(ttfts) * 0.95)] * 1e3))
+        await asyncio.sleep(0.3)
+    for ws, _ in conns:
+        await ws.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bursts", type=int, default=10)
+    ap.add_argument("--port", type=int, default=8934)
+    ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy: CPU ms per turn")
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="admission-"))
+    server = subprocess.Popen(
+        [sys.executable, "bench/serve.py", "--mode", "flood", "--flood-words", "1", "--port", str(args.port),
+         "--workdir", str(workdir), "--device", "cpu"],
+        cwd=ROOT, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    spy = None
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{args.port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        token = (workdir / "token").read_text()
+
+        def start_spy() -> None:
+            nonlocal spy
+            tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+            if args.py_spy and tool:
+                spy = subprocess.Popen(
+                    [tool, "record", "-p", str(server.pid), "-r", "1000", "-f", "raw", "-o", str(workdir / "spy.raw"),
+                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+
+        runs = asyncio.run(bursts(f"ws://127.0.0.1:{args.port}/v1/ws", token, args.bursts, start_spy))
+    finally:
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
+            spy.wait(30)
+        server.terminate()
+        server.wait(30)
+    result = {
+        "sessions": SESSIONS,
+        "bursts_ttft_ms_p50_p95": [(round(a, 1), round(b, 1)) for a, b in runs],
+        "median_ttft_ms": {"p50": round(statistics.median(r[0] for r in runs), 1), "p95": round(statistics.median(r[1] for r in runs), 1)},
+    }
+    raw = workdir / "spy.raw"
+    if raw.exists():
+        samples = sum(int(line.rsplit(" ", 1)[1]) for line in raw.read_text().splitlines() if line.strip())
+        result["server_cpu_ms_per_turn"] = round(samples / (SESSIONS * args.bursts), 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
