@@ -29,7 +29,7 @@ const el = {
 const state = {
   token: null, ws: null, connected: false, retries: 0, retryTimer: null,
   conn: "starting…", notice: "", noticeTimer: null,
-  openId: null, models: new Map(), titles: new Map(), pending: new Map(), create: null,
+  openId: null, models: new Map(), titles: new Map(), pending: new Map(), create: null, renaming: false,
   skills: new Map(), // name -> {ready, state, detail}
   tray: [], // attachments uploaded for the next turn: {id, localUrl, name, uploading}
   audio: null, // {sessionId, recorder, started, queue, review}
@@ -104,9 +104,12 @@ let refreshTimer = null;
 const refreshSoon = () => { clearTimeout(refreshTimer); refreshTimer = setTimeout(refreshSessions, 300); };
 
 function renderSessions(sessions) {
+  el.title.textContent = state.titles.get(state.openId) || "New chat";
+  // A refresh (a turn naming its session, say) must not take a half-typed rename away: the list
+  // is drawn again when the rename ends.
+  if (state.renaming) return;
   const sorted = [...sessions].sort((a, b) => (b.updated_at || "").localeCompare(a.updated_at || ""));
   el.sessions.replaceChildren(...sorted.map(sessionItem));
-  el.title.textContent = state.titles.get(state.openId) || "New chat";
   el.exportMenu.hidden = !state.openId;
 }
 
@@ -143,12 +146,14 @@ function startRename(li, s) {
   input.setAttribute("aria-label", "New title");
   input.dataset.testid = "rename-input";
   li.replaceChildren(input);
+  state.renaming = true;
   input.focus();
   input.select();
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     const title = input.value.trim();
     if (save && title && title !== s.title) {
       await api(`/v1/sessions/${encodeURIComponent(s.id)}`, { method: "PATCH", body: { title } }).catch((e) => notify(e.message));

@@ -143,6 +143,22 @@ def test_rename_export_and_delete_a_session(page, live: LiveServer, tmp_path: Pa
     assert page.locator("[data-testid=user-message]").count() == 0
 
 
+def test_a_rename_survives_the_sidebar_refresh_a_new_turn_brings(page, live: LiveServer) -> None:  # noqa: ANN001
+    """A turn's turn.created refreshes the sidebar 300 ms later (the first turn names the session);
+    a rename begun before that must still be there to finish."""
+    send(page, "first words")
+    sid = wait_until(lambda: open_session_id(page), what="the new session")
+    item = page.locator(f"[data-testid=sessions] li[data-id='{sid}']")
+    item.wait_for()
+    item.get_by_role("button", name="Rename").click()
+    field = page.locator("[data-testid=rename-input]")
+    field.fill("Kept title")
+    page.wait_for_timeout(800)  # the refresh has run meanwhile
+    field.press("Enter", timeout=5000)
+    wait_until(lambda: page.locator("h1#title").inner_text() == "Kept title", what="new title")
+    assert history(live, live.token("alice"), sid)["session"]["title"] == "Kept title"
+
+
 def test_route_chip_reruns_the_turn_with_another_skill(page, live: LiveServer) -> None:  # noqa: ANN001
     send(page, "route me")
     done(page)
