@@ -36,7 +36,9 @@ PREFILL_BATCH = (1, 2, 4, 8)
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
 WARM_PROMPT_LENGTH = 512  # prefill graphs captured at load, for one prompt up to this length
-CHECK_AGREEMENT = 0.9  # share of the probe's next-token predictions that must match
+CHECK_AGREEMENT = 0.75  # share of the probe's tokens graph replay must predict as eager steps did
+CHECK_TOLERANCE_FP32 = 1e-3  # largest logit difference from the model's own forward, of the logits' scale
+CHECK_TOLERANCE_16BIT = 0.15  # bf16 SmolLM2 on the CPU: 2.9e-2
 
 
 def bucket(n: int, sizes: tuple[int, ...] | list[int]) -> int:
@@ -173,12 +175,15 @@ class SlotEngine:
         self.graphs_on = cuda_graphs and self.device.startswith("cuda")
         self._graphs: dict[tuple, tuple[Any, Any]] = {}  # key -> (graph, output tokens)
         self._pool: Any = None
+        self._probe_logits: list[Any] | None = None
         self.steps = 0
 
     # ------------------------------------------------------------------ the forward passes
 
     def _sample(self, logits: Any) -> Any:
         torch, s = self.torch, self.sampling
+        if self._probe_logits is not None:  # the load-time check, eager only
+            self._probe_logits.append(logits.float())
         if s.temperature <= 0:
             return logits.argmax(dim=-1)
         scores = logits.float() / s.temperature
@@ -327,35 +332,60 @@ class SlotEngine:
     # ------------------------------------------------------------------ the load-time check
 
     def check(self, probe: list[int]) -> str | None:
-        """Run ``probe`` through this engine, greedily, and through the model's own forward; return
-        why they disagree, or None. Slot 0 must be free. On a GPU this runs the captured graphs too,
-        then drops them (they are captured again with the configured sampling)."""
+        """Return why this engine cannot serve the model, or None. Slot 0 must be free.
+
+        ``probe`` goes through the engine eagerly (half prefilled, the rest decoded token by token)
+        and through the model's own forward: every next-token logit must agree within the dtype's
+        rounding (compared as numbers, not argmaxes: a random-weight model's near-ties flip with
+        the kernels). On a GPU the probe then runs through the captured graphs, which must predict
+        what the eager steps predicted, else graphs are turned off; they are dropped either way and
+        captured again with the configured sampling."""
         torch = self.torch
-        with torch.inference_mode():
-            ref = self.model(input_ids=torch.tensor([probe], device=self.device)).logits[0].argmax(-1).tolist()
+        why = self._unsupported()
+        if why:
+            return why
         split = max(1, len(probe) // 2)
-        want = ref[split - 1 :]
+        with torch.inference_mode():
+            want = self.model(input_ids=torch.tensor([probe], device=self.device)).logits[0, split - 1 :].float()
         saved, self.sampling = self.sampling, Sampling()
         graphs = self.graphs_on
+
+        def run() -> list[int]:
+            got = [self.prefill([0], [probe[:split]])[0]]
+            return got + [self.decode({0: (probe[pos], pos)})[0] for pos in range(split, len(probe))]
+
         try:
-            for use_graphs in [False, True] if graphs else [False]:
-                self.graphs_on = use_graphs
-                got = [self.prefill([0], [probe[:split]])[0]]
-                got += [self.decode({0: (probe[pos], pos)})[0] for pos in range(split, len(probe))]
-                same = sum(a == b for a, b in zip(got, want))
-                # Low-precision kernels may flip a near-tie; a wrong cache agrees by chance only.
-                if same >= CHECK_AGREEMENT * len(want):
-                    continue
-                why = f"{same} of {len(want)} next-token predictions matched the model's own forward"
-                if not use_graphs:
-                    return why
-                log.warning("chat steps replayed from CUDA graphs disagree (%s); running without graphs", why)
-                graphs = False
-            if graphs and not self.graphs_on:  # a capture failed
-                graphs = False
+            self.graphs_on, self._probe_logits = False, []
+            eager = run()
+            got = torch.stack([rows[0] for rows in self._probe_logits])
+            self._probe_logits = None
+            error = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+            if error > (CHECK_TOLERANCE_FP32 if self.dtype == torch.float32 else CHECK_TOLERANCE_16BIT):
+                return f"its next-token logits differ from the model's own forward by {error:.1e} of their scale"
+            if graphs:
+                self.graphs_on = True
+                replayed = run()
+                same = sum(a == b for a, b in zip(replayed, eager))
+                if not self.graphs_on:  # a capture failed (logged)
+                    graphs = False
+                elif same < CHECK_AGREEMENT * len(eager):
+                    log.warning(
+                        "chat steps replayed from CUDA graphs predicted %d of %d tokens as the eager steps did; "
+                        "running without graphs", same, len(eager),
+                    )  # fmt: skip
+                    graphs = False
         finally:
-            self.graphs_on = graphs
+            self.graphs_on, self._probe_logits = graphs, None
             self.sampling = saved
             self._graphs.clear()
             self.reset()
+        return None
+
+    def _unsupported(self) -> str | None:
+        """What in the model's config this engine does not do, within its slots' length."""
+        cfg = self.model.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None)
+        sliding = getattr(cfg, "use_sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+        if sliding and window is not None and window < self.max_len:
+            return f"sliding-window attention ({window} tokens) is shorter than a slot ({self.max_len} tokens)"
         return None

@@ -177,6 +177,28 @@ def test_sampling_settings_reach_the_engine(wide_model: Path, reference: dict) -
     assert len(hot) == MAX_NEW["mid"] and hot != reference["mid"] and len(set(hot)) > 20
 
 
+def test_the_load_check_catches_a_cache_that_reads_the_wrong_slot(wide_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from skills.slot_engine import Sampling, SlotEngine
+
+    model = AutoModelForCausalLM.from_pretrained(wide_model).eval()
+    engine = SlotEngine(model, slots=2, max_len=128, sampling=Sampling(), cuda_graphs=False)
+    probe = list(range(10, 40))
+    assert engine.check(probe) is None
+    cache, keep = engine.cache, engine.cache.update
+
+    def wrong_row(key, value, layer, *args, **kwargs):  # noqa: ANN001, ANN202 - decode reads slot 1's keys for slot 0
+        k, v = keep(key, value, layer, *args, **kwargs)
+        if cache._read is None:  # prefill attends to the prompt itself
+            return k, v
+        return cache.keys[layer][1:2, :, : cache._read], cache.values[layer][1:2, :, : cache._read]
+
+    engine.cache.update = wrong_row
+    why = engine.check(probe)
+    assert why is not None and "logits differ from the model's own forward" in why
+
+
 def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -195,7 +217,7 @@ def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) 
         assert worker.engine == "library"
     finally:
         worker.close()
-    with pytest.raises(ModelLoadError, match="ASSISTANT_CHAT_ENGINE=library"):
+    with pytest.raises(ModelLoadError, match="sliding-window attention .*ASSISTANT_CHAT_ENGINE=library"):
         load(folder, engine="slots")
 
 
