@@ -210,7 +210,7 @@ class ChatWorker:
         model.register_forward_pre_hook(self._on_step)
         manager.start()
         self.engine = "library"
-        return manager
+        return LibraryManager(manager)
 
     def _on_step(self, _module: Any, _args: Any) -> None:
         """The library engine: runs on the generation thread before each forward."""
@@ -252,38 +252,46 @@ class ChatWorker:
             eos_token_id=self.eos_token_ids or None,
         )
         if accepted is None:
-            self._drop_handler(request_id)
+            manager.drop_handler(request_id)
             raise RuntimeError("the chat generation loop refused the request (it is stopping)")
 
     def cancel(self, request_id: str) -> None:
         """Stop generating for ``request_id`` and free its KV-cache pages."""
         manager = self._manager
         if manager is not None:
-            self._drop_handler(request_id)
+            manager.drop_handler(request_id)
             manager.cancel_request(request_id)
 
-    def _drop_handler(self, request_id: str) -> None:
-        if self.engine == "slots":
-            self._manager.drop_handler(request_id)
-            return
+    def kv_free_fraction(self) -> float:
+        """Share of the KV cache that is free (1.0 when no request holds it)."""
+        return 1.0 if self._manager is None else self._manager.kv_free_fraction()
+
+    def active_request_ids(self) -> set[str]:
+        """Requests the scheduler still holds (running or waiting)."""
+        return set() if self._manager is None else self._manager.active_request_ids()
+
+
+class LibraryManager:
+    """transformers' ``ContinuousBatchingManager`` (every call passes through), plus the three
+    calls the slot scheduler has and the library spells through its internals."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    def drop_handler(self, request_id: str) -> None:
         router = self._manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
 
     def kv_free_fraction(self) -> float:
-        """Share of the KV cache that is free (1.0 when no request holds pages)."""
-        manager = self._manager
-        if self.engine == "slots":
-            return 1.0 if manager is None else manager.kv_free_fraction()
-        processor = manager.batch_processor if manager is not None else None
+        processor = self._manager.batch_processor
         return 1.0 if processor is None else float(processor.cache.compute_free_capacity(relative=True))
 
     def active_request_ids(self) -> set[str]:
-        """Requests the scheduler still holds (running or waiting)."""
-        manager = self._manager
-        if self.engine == "slots":
-            return set() if manager is None else manager.active_request_ids()
-        processor = manager.batch_processor if manager is not None else None
+        processor = self._manager.batch_processor
         if processor is None:
             return set()
         sched = processor.scheduler
