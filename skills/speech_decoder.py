@@ -228,10 +228,9 @@ class StaticWhisperDecoder:
         finally:
             self.graphs_on = graphs
         if graphs:
-            eager_state = self.graphs_on
             self.graphs_on = False
             eager = self.decode(mel)[0].tokens
-            self.graphs_on = eager_state
+            self.graphs_on = True
             replayed = self.decode(mel)[0].tokens
             if self.graphs_on and replayed != eager:
                 log.warning("speech steps replayed from CUDA graphs disagree with eager steps; running without graphs")
