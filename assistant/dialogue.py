@@ -15,19 +15,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel
+from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant import protocol as p
 from assistant.delta_writer import DeltaWriter
 from assistant.metrics import Metrics
 from assistant.image_context import image_bytes, image_context, turn_attachments
-from assistant.router import SessionState, TurnRequest, UnknownSkill, route
+from assistant.router import Decision, SessionState, TurnRequest, UnknownSkill, route
 from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
@@ -64,6 +65,8 @@ class _Turn:
     partial: str = ""  # text streamed so far
     ttft_ms: float | None = None
     image_ids: tuple[str, ...] = ()  # the attachments that are images
+    routing: tuple[Decision, list[HistoryItem]] | None = None  # set when routed as it was admitted
+    started: float = 0.0  # time.monotonic() when routing began
 
 
 @dataclass
@@ -115,15 +118,24 @@ class DialogueManager:
             frame = self._log(db, session_id, event)
         self._fan_out(session_id, frame)
 
-    @staticmethod
-    def _log(db: Session, session_id: str, event: BaseModel) -> str:
+    @classmethod
+    def _log(cls, db: Session, session_id: str, event: BaseModel) -> str:
         """Log ``event`` with the next seq in ``db``'s transaction; returns the frame to send after commit."""
+        return cls._log_many(db, session_id, [event])[0]
 
-        def payload(seq: int) -> str:
-            event.seq = seq  # type: ignore[attr-defined]
-            return p.dump_event(event)
+    @staticmethod
+    def _log_many(db: Session, session_id: str, events: list[BaseModel]) -> list[str]:
+        """Log ``events`` in order with the next seqs (one seq update, one insert); returns their frames."""
 
-        return store.append_events(db, events=[(session_id, event.type, payload)])[0][1]  # type: ignore[attr-defined]
+        def payload(event: BaseModel) -> Callable[[int], str]:
+            def at(seq: int) -> str:
+                event.seq = seq  # type: ignore[attr-defined]
+                return p.dump_event(event)
+
+            return at
+
+        logged = store.append_events(db, events=[(session_id, e.type, payload(e)) for e in events])  # type: ignore[attr-defined]
+        return [frame for _, frame in logged]
 
     def _fan_out(self, session_id: str, frame: str) -> None:
         for sub in list(self._subscribers.get(session_id, ())):
@@ -233,7 +245,11 @@ class DialogueManager:
         waiting = (len(runner.queue) - (0 if runner.current else 1)) if busy else 0  # type: ignore[union-attr]
         with self._db() as db:
             sess = self._owned(db, user_id, event.session_id)
-            unknown, image_ids = turn_attachments(db, user_id=user_id, session_id=sess.id, ids=event.attachment_ids)
+            unknown, image_ids = (
+                turn_attachments(db, user_id=user_id, session_id=sess.id, ids=event.attachment_ids)
+                if event.attachment_ids
+                else ([], [])
+            )
             if unknown:
                 raise DialogueError(
                     p.ErrorCode.attachment_not_found,
@@ -248,7 +264,21 @@ class DialogueManager:
                 )
             turn_id = new_id()
             status = p.TurnStatus.queued if busy else p.TurnStatus.received
-            reply_id, position = store.add_turn(
+            turn = _Turn(turn_id, sess.id, "", -1, text, tuple(event.attachment_ids), event.skill)
+            turn.image_ids = tuple(image_ids)
+            position, reply = None, None
+            if not busy:
+                # The session is idle, so the turn runs next: route it now, in the same transaction
+                # (one commit and one read of the session per turn; a burst of turns waits on this).
+                msgs = store.context(db, session_id=sess.id)
+                position = msgs[-1].position + 1 if msgs else 0
+                turn.started = time.monotonic()
+                try:
+                    turn.routing = self._decide(db, turn, msgs)
+                    reply = self._routed_fields(turn.routing[0], cancelled=False)
+                except UnknownSkill:  # a /command naming no skill: _run_turn fails the turn
+                    pass
+            turn.reply_id, turn.position = store.add_turn(
                 db,
                 session=sess,
                 turn_id=turn_id,
@@ -257,12 +287,10 @@ class DialogueManager:
                 status=status.value,
                 skill_override=event.skill,
                 input_kind=input_kind,
+                position=position,
+                reply=reply,
             )
-            turn = _Turn(turn_id, sess.id, reply_id, position, text, tuple(event.attachment_ids), event.skill)
-            turn.image_ids = tuple(image_ids)
             preface = on_store(db, turn_id) if on_store is not None else None
-            # Logged in the turn's own transaction: stored and acknowledged together.
-            frames = [self._log(db, sess.id, preface)] if preface is not None else []
             created = p.TurnCreated(
                 session_id=sess.id,
                 turn_id=turn_id,
@@ -271,7 +299,11 @@ class DialogueManager:
                 input=input_kind,
                 event_id=event.event_id,
             )
-            frames.append(self._log(db, sess.id, created))
+            # Logged in the turn's own transaction: stored and acknowledged together.
+            events = [e for e in (preface, created) if e is not None]
+            if turn.routing is not None:
+                events.append(self._routed_event(turn, turn.routing[0]))
+            frames = self._log_many(db, sess.id, events)
         if sub is not None:
             self.subscribe(turn.session_id, sub)
         for frame in frames:
@@ -321,8 +353,44 @@ class DialogueManager:
             if self._runners.get(session_id) is runner and not runner.queue:
                 del self._runners[session_id]
 
-    def _session_state(self, db: Session, turn: _Turn) -> tuple[SessionState, list[HistoryItem]]:
-        msgs = store.history(db, session_id=turn.session_id, before_position=turn.position)
+    def _decide(self, db: Session, turn: _Turn, msgs: Sequence[Row]) -> tuple[Decision, list[HistoryItem]]:
+        """Route ``turn`` given the session's messages before it (``store.context`` rows); raises
+        ``UnknownSkill``. Returns the decision and the history the skill gets."""
+        state, history = self._session_state(db, turn, msgs)
+        decision = route(
+            TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
+            state,
+            frozenset(self.routable_skills()),
+        )
+        return decision, history
+
+    @staticmethod
+    def _routed_fields(decision: Decision, *, cancelled: bool) -> dict[str, object]:
+        """The reply's columns once routed: stored as running at once (the routing is in the event log)."""
+        return {
+            "status": (p.TurnStatus.routed if cancelled else p.TurnStatus.running).value,
+            "started_at": None if cancelled else utcnow(),
+            "skill": decision.skill,
+            "route_confidence": decision.confidence,
+            "route_reason": decision.reason,
+            "attachment_ids": [decision.attachment_id] if decision.attachment_id else [],
+            # a /command is an override too: store it with the turn like the protocol's field
+            "skill_override": decision.skill if decision.overridden else None,
+        }
+
+    @staticmethod
+    def _routed_event(turn: _Turn, decision: Decision) -> p.TurnRouted:
+        return p.TurnRouted(
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
+            skill=decision.skill,
+            confidence=decision.confidence,
+            reason=decision.reason,
+            overridden=decision.overridden,
+            attachment_id=decision.attachment_id,
+        )
+
+    def _session_state(self, db: Session, turn: _Turn, msgs: Sequence[Row]) -> tuple[SessionState, list[HistoryItem]]:
         images = image_context(db, session_id=turn.session_id, messages=msgs)
         items: list[HistoryItem] = []
         last_skill = None
@@ -349,46 +417,28 @@ class DialogueManager:
         return state, merged
 
     async def _run_turn(self, turn: _Turn) -> None:
-        started = time.monotonic()
+        if turn.routing is None:
+            turn.started = time.monotonic()
+        started = turn.started
         skill_name, usage, error = None, p.Usage(), None
         status = p.TurnStatus.completed
         try:
-            # Read the session, route, and store and log the decision in one transaction.
-            with self._db() as db:
-                state, history = self._session_state(db, turn)
-                try:
-                    decision = route(
-                        TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
-                        state,
-                        frozenset(self.routable_skills()),
+            if turn.routing is not None:  # routed (stored and logged) as it was admitted
+                decision, history = turn.routing
+            else:
+                # Read the session, route, and store and log the decision in one transaction.
+                with self._db() as db:
+                    msgs = [m for m in store.context(db, session_id=turn.session_id) if m.position < turn.position]
+                    try:
+                        decision, history = self._decide(db, turn, msgs)
+                    except UnknownSkill as exc:  # e.g. the skill was removed since the turn was queued
+                        raise SkillError("skill_unknown", f"unknown skill {exc}") from None
+                    store.update_reply(
+                        db, message_id=turn.reply_id, **self._routed_fields(decision, cancelled=turn.cancelled)
                     )
-                except UnknownSkill as exc:  # the skill was removed since the turn was queued
-                    raise SkillError("skill_unknown", f"unknown skill {exc}") from None
-                skill_name = decision.skill
-                # Stored as running at once (the routing is in the event log).
-                store.update_reply(
-                    db,
-                    message_id=turn.reply_id,
-                    status=(p.TurnStatus.routed if turn.cancelled else p.TurnStatus.running).value,
-                    started_at=None if turn.cancelled else utcnow(),
-                    skill=decision.skill,
-                    route_confidence=decision.confidence,
-                    route_reason=decision.reason,
-                    attachment_ids=[decision.attachment_id] if decision.attachment_id else [],
-                    # a /command is an override too: store it with the turn like the protocol's field
-                    skill_override=decision.skill if decision.overridden else None,
-                )
-                routed = p.TurnRouted(
-                    session_id=turn.session_id,
-                    turn_id=turn.turn_id,
-                    skill=decision.skill,
-                    confidence=decision.confidence,
-                    reason=decision.reason,
-                    overridden=decision.overridden,
-                    attachment_id=decision.attachment_id,
-                )
-                frame = self._log(db, turn.session_id, routed)
-            self._fan_out(turn.session_id, frame)
+                    frame = self._log(db, turn.session_id, self._routed_event(turn, decision))
+                self._fan_out(turn.session_id, frame)
+            skill_name = decision.skill
             if not turn.cancelled:
                 request = SkillRequest(
                     turn.session_id,

@@ -105,24 +105,30 @@ def add_turn(
     status: str,
     skill_override: str | None,
     input_kind: str = "text",
+    position: int | None = None,
+    reply: dict[str, object] | None = None,
 ) -> tuple[str, int]:
     """Store a user message and its (empty) assistant message, which carries the turn's status.
-    Returns (the reply's id, the user message's position). Core statements: a turn is admitted on
+    Returns (the reply's id, the user message's position). ``position`` is the next free one when
+    the caller has just read the session's messages (else it is looked up); ``reply`` sets more of
+    the reply's columns (a turn routed as it is admitted). Core statements: a turn is admitted on
     the event loop, and a burst of them waits on this."""
     conn = db.connection()
-    last = conn.execute(_LAST_POSITION, {"sid": session.id}).scalar()
-    pos = (last if last is not None else -1) + 1
+    if position is None:
+        last = conn.execute(_LAST_POSITION, {"sid": session.id}).scalar()
+        position = (last if last is not None else -1) + 1
+    pos = position
     reply_id = new_id()
     common = {"session_id": session.id, "turn_id": turn_id}  # the other columns take their defaults
-    conn.execute(
-        insert(_messages_t),
-        [
-            {**common, "id": new_id(), "position": pos, "role": "user", "text": text, "input": input_kind,
-             "status": "completed", "skill_override": None, "attachment_ids": list(attachment_ids)},
-            {**common, "id": reply_id, "position": pos + 1, "role": "assistant", "text": "", "input": "text",
-             "status": status, "skill_override": skill_override, "attachment_ids": []},
-        ],
-    )  # fmt: skip
+    user_row = {**common, "id": new_id(), "position": pos, "role": "user", "text": text, "input": input_kind,
+                "status": "completed", "skill_override": None, "attachment_ids": list(attachment_ids)}  # fmt: skip
+    reply_row = {**common, "id": reply_id, "position": pos + 1, "role": "assistant", "text": "", "input": "text",
+                 "status": status, "skill_override": skill_override, "attachment_ids": []}  # fmt: skip
+    if reply:
+        reply_row.update(reply)
+        for key in reply:  # one executemany needs the same keys in each row (these are nullable)
+            user_row.setdefault(key, None)
+    conn.execute(insert(_messages_t), [user_row, reply_row])
     values: dict[str, object] = {"updated_at": utcnow()}
     if session.title == "New chat" and text.strip():
         values["title"] = " ".join(text.split())[:60]
@@ -139,6 +145,13 @@ def history(db: Session, *, session_id: str, before_position: int | None = None)
     if before_position is not None:
         stmt = stmt.where(_messages_t.c.position < before_position)
     return db.connection().execute(stmt.order_by(_messages_t.c.position)).all()
+
+
+def context(db: Session, *, session_id: str) -> Sequence[Row]:
+    """What the dialogue reads of a session's messages before a turn, in order: ``position``,
+    ``turn_id``, ``role``, ``status``, ``text``, ``skill`` and ``attachment_ids`` (fewer columns than
+    ``history``: no timestamps to parse on the event loop, where every turn reads this)."""
+    return db.connection().execute(_CONTEXT, {"sid": session_id}).all()
 
 
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
@@ -162,6 +175,11 @@ _BUMP_SEQ = (
     .returning(_sessions_t.c.last_seq)
 )
 _LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.session_id == bindparam("sid"))
+_CONTEXT = (
+    select(*(_messages_t.c[k] for k in ("position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
+    .where(_messages_t.c.session_id == bindparam("sid"))
+    .order_by(_messages_t.c.position)
+)
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
