@@ -25,7 +25,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant import protocol as p
-from assistant.delta_writer import DeltaWriter
+from assistant.stream_writer import StreamWriter
 from assistant.metrics import Metrics
 from assistant.image_context import image_bytes, image_context, turn_attachments
 from assistant.router import Decision, SessionState, TurnRequest, UnknownSkill, route
@@ -99,7 +99,7 @@ class DialogueManager:
         self.metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._runners: dict[str, _SessionRunner] = {}
-        self._deltas = DeltaWriter(sessions, self._fan_out)
+        self._writer = StreamWriter(sessions, self._fan_out)
         metrics.queued.set_function(lambda: sum(len(r.queue) for r in self._runners.values()))
         metrics.running.set_function(lambda: sum(1 for r in self._runners.values() if r.current is not None))
 
@@ -472,7 +472,10 @@ class DialogueManager:
             status = p.TurnStatus.failed
             error = p.ErrorBody(code=p.ErrorCode.internal_error, message=f"internal error: {type(exc).__name__}")
         usage.duration_ms = round((time.monotonic() - started) * 1000, 2)
-        self._finish(turn, status, text=turn.partial, skill=skill_name, usage=usage, error=error)
+        # Stored and sent with the other streams' frames of this loop turn (the next queued turn of
+        # the session reads the session after this commit).
+        event, fields = self._done(turn, status, text=turn.partial, skill=skill_name, usage=usage, error=error)
+        await self._writer.finish(event, reply_id=turn.reply_id, fields=fields)
 
     async def _images_for(self, attachment_id: str | None) -> tuple[bytes, ...]:
         """The bytes of the image the router resolved (read off the event loop)."""
@@ -490,7 +493,7 @@ class DialogueManager:
 
     async def _stream(self, turn: _Turn, run: SkillRun, skill: str, started: float) -> None:
         """Forward deltas as coalesced frames; the reply text in the DB grows with each frame (written
-        by the group-commit ``DeltaWriter`` together with every other stream's frames)."""
+        by the group-commit ``StreamWriter`` together with every other stream's frames)."""
         text, pending, last_flush, first = "", "", 0.0, True
         interval = self.settings.delta_flush_interval
 
@@ -501,7 +504,7 @@ class DialogueManager:
             chunk, pending, last_flush = pending, "", time.monotonic()
             event = p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk)
             at, first_token_at = first_token_at, None  # stored with the first frame
-            await self._deltas.write(event, reply_id=turn.reply_id, text=text, first_token_at=at)
+            await self._writer.write(event, reply_id=turn.reply_id, text=text, first_token_at=at)
 
         async for delta in run:
             if turn.cancelled:
@@ -520,7 +523,7 @@ class DialogueManager:
         if pending:
             await flush()
 
-    def _finish(
+    def _done(
         self,
         turn: _Turn,
         status: p.TurnStatus,
@@ -529,34 +532,36 @@ class DialogueManager:
         skill: str | None,
         usage: p.Usage,
         error: p.ErrorBody | None = None,
-    ) -> None:
+    ) -> tuple[p.ResponseDone, dict[str, object]]:
+        """Count the ended turn; returns its ``response.done`` and the reply's final columns."""
         self.metrics.turns.labels(skill or "none", status.value).inc()
         if usage.completion_tokens and skill:
             self.metrics.tokens.labels(skill).inc(usage.completion_tokens)
         if usage.duration_ms is not None and skill:
             self.metrics.turn_seconds.labels(skill).observe(usage.duration_ms / 1000)
-        self._publish(
-            turn.session_id,
-            p.ResponseDone(
-                session_id=turn.session_id,
-                turn_id=turn.turn_id,
-                status=status.value,
-                text=text,
-                skill=skill,
-                usage=usage,
-                error=error,
-            ),
-            lambda db: store.update_reply(
-                db,
-                message_id=turn.reply_id,
-                status=status.value,
-                text=text,
-                finished_at=utcnow(),
-                error_code=error.code.value if error else None,
-                prompt_tokens=usage.prompt_tokens or None,
-                completion_tokens=usage.completion_tokens or None,
-            ),
+        event = p.ResponseDone(
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
+            status=status.value,
+            text=text,
+            skill=skill,
+            usage=usage,
+            error=error,
         )
+        fields = {
+            "status": status.value,
+            "text": text,
+            "finished_at": utcnow(),
+            "error_code": error.code.value if error else None,
+            "prompt_tokens": usage.prompt_tokens or None,
+            "completion_tokens": usage.completion_tokens or None,
+        }
+        return event, fields
+
+    def _finish(self, turn: _Turn, status: p.TurnStatus, *, text: str, skill: str | None, usage: p.Usage) -> None:
+        """End a turn that never ran or was stopped, in a transaction of its own (not awaited)."""
+        event, fields = self._done(turn, status, text=text, skill=skill, usage=usage)
+        self._publish(turn.session_id, event, lambda db: store.update_reply(db, message_id=turn.reply_id, **fields))
 
     # ------------------------------------------------------------------ start-up and shut-down
 

@@ -175,6 +175,10 @@ _BUMP_SEQ = (
     .returning(_sessions_t.c.last_seq)
 )
 _LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.session_id == bindparam("sid"))
+FINISH_FIELDS = ("status", "text", "finished_at", "error_code", "prompt_tokens", "completion_tokens")
+_FINISH = (
+    update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values({k: bindparam(f"v_{k}") for k in FINISH_FIELDS})
+)
 _CONTEXT = (
     select(*(_messages_t.c[k] for k in ("position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
     .where(_messages_t.c.session_id == bindparam("sid"))
@@ -188,9 +192,13 @@ def append_event(db: Session, *, session_id: str, event_type: str, payload_for_s
     return append_events(db, events=[(session_id, event_type, payload_for_seq)])[0][0]
 
 
-def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], str]]]) -> list[tuple[int, str]]:
+def append_events(
+    db: Session, *, events: list[tuple[str, str, Callable[[int], str]]], skip_missing: bool = False
+) -> list[tuple[int, str]]:
     """Log many events at once (group commit): ``(session_id, event_type, payload_for_seq)`` each,
-    in order; one seq update per session and one multi-row insert. Returns (seq, payload) each."""
+    in order; one seq update per session and one multi-row insert. Returns (seq, payload) each.
+    A session that does not exist raises LookupError; with ``skip_missing`` its events are not
+    logged and their entries are None (the others' are unaffected)."""
     db.flush()  # rows the ORM still holds (a new session) must exist before their events
     conn = db.connection()
     counts: dict[str, int] = {}
@@ -200,23 +208,36 @@ def append_events(db: Session, *, events: list[tuple[str, str, Callable[[int], s
     for session_id, n in counts.items():
         last = conn.execute(_BUMP_SEQ, {"sid": session_id, "n": n}).scalar()
         if last is None:
-            raise LookupError(f"session {session_id} does not exist")
+            if not skip_missing:
+                raise LookupError(f"session {session_id} does not exist")
+            continue
         next_seq[session_id] = last - n + 1
     rows, logged = [], []
     now = utcnow()
     for session_id, event_type, payload_for_seq in events:
+        if session_id not in next_seq:
+            logged.append(None)
+            continue
         seq = next_seq[session_id]
         next_seq[session_id] = seq + 1
         logged.append((seq, payload_for_seq(seq)))
         rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": logged[-1][1], "created_at": now})
-    conn.execute(insert(_events_t), rows)
-    return logged
+    if rows:
+        conn.execute(insert(_events_t), rows)
+    return logged  # type: ignore[return-value]
 
 
 def update_reply_texts(db: Session, *, texts: dict[str, str]) -> None:
     """Set the text of many replies in one executemany."""
     if texts:
         db.connection().execute(_SET_TEXT, [{"mid": mid, "body": text} for mid, text in texts.items()])
+
+
+def finish_replies(db: Session, *, rows: dict[str, dict[str, object]]) -> None:
+    """Store the final columns (``FINISH_FIELDS``, each row has all of them) of many replies in one
+    executemany."""
+    if rows:
+        db.connection().execute(_FINISH, [{"mid": mid, **{f"v_{k}": row[k] for k in FINISH_FIELDS}} for mid, row in rows.items()])
 
 
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Event]:

@@ -11,6 +11,10 @@ import pytest
 from sqlalchemy import select
 
 from bench.baseline import FloodSkill
+from assistant import protocol as p
+from assistant.stream_writer import StreamWriter
+from state import store
+from state.db import make_engine, make_session_factory, upgrade
 from state.models import Event, Message
 from tests.conftest import LiveServer, make_settings, start_server, ws_client
 
@@ -28,7 +32,7 @@ def flood_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServe
 
 def test_concurrent_streams_share_transactions_and_lose_nothing(flood_server: LiveServer) -> None:
     token = flood_server.token("dora")
-    writer = flood_server.app.state.dialogue._deltas
+    writer = flood_server.app.state.dialogue._writer
     batches_before = writer.batches
 
     async def one() -> tuple[str, list[dict]]:
@@ -54,7 +58,54 @@ def test_concurrent_streams_share_transactions_and_lose_nothing(flood_server: Li
             assert done["type"] == "response.done" and done["status"] == "completed" and done["text"] == expected
             reply = db.scalar(select(Message).where(Message.session_id == sid, Message.role == "assistant"))
             assert reply.text == expected and reply.first_token_at is not None
+            assert reply.status == "completed" and reply.finished_at is not None
             logged = db.scalars(select(Event).where(Event.session_id == sid).order_by(Event.seq)).all()
             assert [e.seq for e in logged][-len(seqs) :] == seqs
     batches = writer.batches - batches_before
     assert 0 < batches < frames, f"{frames} frames took {batches} transactions: no group commit"
+
+
+def test_a_session_deleted_before_the_commit_fails_only_its_own_frames(tmp_path) -> None:  # noqa: ANN001
+    """A reply still streaming when its session is deleted: the frames of the other sessions in the
+    same group commit are stored and sent; the deleted session's writer gets a LookupError."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    sent: list[tuple[str, str]] = []
+    with sessions.begin() as db:
+        user = store.get_or_create_user(db, name="eve")
+        ids = []
+        for _ in range(2):
+            sess = store.create_session(db, user_id=user.id)
+            reply_id, _ = store.add_turn(
+                db, session=sess, turn_id=f"t-{sess.id}", text="hi", attachment_ids=[], status="running", skill_override=None
+            )
+            ids.append((sess.id, reply_id))
+
+    async def scenario() -> list[object]:
+        writer = StreamWriter(sessions, lambda sid, frame: sent.append((sid, frame)))
+        futures = [
+            writer.write(p.ResponseDelta(session_id=sid, turn_id=f"t-{sid}", delta="hello"), reply_id=rid, text="hello")
+            for sid, rid in ids
+        ]
+        (gone_sid, _), (kept_sid, kept_rid) = ids
+        done = writer.finish(
+            p.ResponseDone(session_id=kept_sid, turn_id=f"t-{kept_sid}", status="completed", text="hello"),
+            reply_id=kept_rid,
+            fields={"status": "completed", "text": "hello", "finished_at": None, "error_code": None,
+                    "prompt_tokens": 3, "completion_tokens": 1},
+        )  # fmt: skip
+        with sessions.begin() as db:  # deleted before the writer's flush (the next loop turn)
+            store.delete_session(db, session=store.get_session(db, session_id=gone_sid, user_id=user.id))
+        return await asyncio.gather(*futures, done, return_exceptions=True)
+
+    gone, kept, finished = asyncio.run(scenario())
+    assert isinstance(gone, LookupError)
+    assert kept is None and finished is None
+    (gone_sid, _), (kept_sid, kept_rid) = ids
+    assert [sid for sid, _ in sent] == [kept_sid, kept_sid]
+    assert ['"response.delta"' in sent[0][1], '"response.done"' in sent[1][1]] == [True, True]
+    with sessions() as db:
+        reply = db.get(Message, kept_rid)
+        assert (reply.text, reply.status, reply.completion_tokens) == ("hello", "completed", 1)
+        assert [e.type for e in store.events_after(db, session_id=kept_sid, after_seq=0)] == ["response.delta", "response.done"]
