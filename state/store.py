@@ -138,13 +138,10 @@ def add_turn(
     return reply_id, pos
 
 
-def history(db: Session, *, session_id: str, before_position: int | None = None) -> Sequence[Row]:
-    """Messages in order, as read-only rows with ``Message``'s columns as attributes; with
-    ``before_position``, only those before it."""
-    stmt = select(_messages_t).where(_messages_t.c.session_id == session_id)
-    if before_position is not None:
-        stmt = stmt.where(_messages_t.c.position < before_position)
-    return db.connection().execute(stmt.order_by(_messages_t.c.position)).all()
+def history(db: Session, *, session_id: str) -> Sequence[Row]:
+    """Messages in order, as read-only rows with ``Message``'s columns as attributes."""
+    stmt = select(_messages_t).where(_messages_t.c.session_id == session_id).order_by(_messages_t.c.position)
+    return db.connection().execute(stmt).all()
 
 
 def context(db: Session, *, session_id: str) -> Sequence[Row]:

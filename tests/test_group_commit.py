@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from bench.baseline import FloodSkill
+from skills.base import ModelFreeSkill, SkillRequest, SkillUsage
 from assistant import protocol as p
 from assistant.stream_writer import StreamWriter
 from state import store
@@ -109,3 +110,58 @@ def test_a_session_deleted_before_the_commit_fails_only_its_own_frames(tmp_path)
         reply = db.get(Message, kept_rid)
         assert (reply.text, reply.status, reply.completion_tokens) == ("hello", "completed", 1)
         assert [e.type for e in store.events_after(db, session_id=kept_sid, after_seq=0)] == ["response.delta", "response.done"]
+
+
+class _HistoryRun:
+    def __init__(self, text: str) -> None:
+        self.text, self.usage = text, SkillUsage()
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):  # noqa: ANN204
+        for word in self.text.split(" "):
+            await asyncio.sleep(0.01)
+            yield word + " "
+
+
+class HistorySkill(ModelFreeSkill):
+    """Answers with the history it was given, so the test can see what each turn was told."""
+
+    name = "chat"
+
+    async def run(self, request: SkillRequest) -> _HistoryRun:
+        seen = "|".join(f"{h.role}:{h.text.strip()}" for h in request.history)
+        return _HistoryRun(f"[{request.text}] saw {seen or 'nothing'}")
+
+
+def test_each_turn_sees_the_whole_answer_of_the_turn_before_it(tmp_path) -> None:  # noqa: ANN001
+    """Turns sent at once to one session: the first is routed as it is admitted, the others wait in
+    the queue. Each must be given the previous turns with their final answers (stored by the group
+    commit before the next turn reads the session)."""
+    live = start_server(make_settings(tmp_path, tmp_path, load_models=False), skills={"chat": HistorySkill()})
+    try:
+
+        async def scenario() -> list[dict]:
+            async with ws_client(live, live.token("hal")) as c:
+                sid = await c.new_session()
+                for text in ("one", "two", "three"):
+                    await c.send(type="turn.create", session_id=sid, text=text)
+                dones = []
+                while len(dones) < 3:
+                    ev = await c.recv()
+                    if ev["type"] == "response.done":
+                        dones.append(ev)
+                _, later = await c.turn(sid, "four")  # the session idle again: routed on admission
+                return [*dones, later]
+
+        one, two, three, four = asyncio.run(scenario())
+    finally:
+        live.stop()
+    assert [d["status"] for d in (one, two, three, four)] == ["completed"] * 4
+    assert one["text"].strip() == "[one] saw nothing"
+    assert two["text"].strip() == "[two] saw user:one|assistant:[one] saw nothing"
+    assert three["text"].strip() == f"[three] saw user:one|assistant:{one['text'].strip()}|user:two|assistant:{two['text'].strip()}"
+    assert four["text"].strip().startswith("[four] saw user:one|") and four["text"].strip().endswith(
+        f"user:three|assistant:{three['text'].strip()}"
+    )
