@@ -29,6 +29,7 @@ from skills.base import Skill
 from skills.registry import build_skills
 from state import db as state_db
 from state.attachments import BlobStore
+from state.checkpoints import WalCheckpointer
 from state import store
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def bootstrap_owner(app: FastAPI) -> str | None:
 
 def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) -> FastAPI:
     """Build the app. ``skills`` replaces the registry's skills (tests may pass their own)."""
-    engine = state_db.make_engine(settings.database_url)
+    engine = state_db.make_engine(settings.database_url, background_checkpoints=True)
+    db_file = state_db.sqlite_path(engine)
+    checkpointer = WalCheckpointer(db_file) if db_file is not None else None
     metrics = Metrics()
     settings, model_plan = resolve_models(settings)
     skill_map = skills if skills is not None else build_skills(settings)
@@ -54,6 +57,8 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await asyncio.to_thread(state_db.upgrade, engine)
+        if checkpointer is not None:
+            checkpointer.start()
         interrupted = app.state.dialogue.recover()
         if interrupted:
             log.warning("marked %d turns interrupted by the last shutdown", interrupted)
@@ -73,10 +78,13 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             await asyncio.gather(*loaders, return_exceptions=True)
             await asyncio.gather(*(s.stop() for s in skill_map.values()), return_exceptions=True)
             engine.dispose()
+            if checkpointer is not None:
+                await asyncio.to_thread(checkpointer.stop)
 
     app = FastAPI(title="Assistant", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.checkpointer = checkpointer
     app.state.sessions = state_db.make_session_factory(engine)
     app.state.metrics = metrics
     app.state.blobs = BlobStore(settings.data_dir / "blobs")

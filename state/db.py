@@ -11,8 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(database_url: str) -> Engine:
-    """Create the engine; SQLite gets WAL mode, foreign keys and a busy timeout."""
+def make_engine(database_url: str, *, background_checkpoints: bool = False) -> Engine:
+    """Create the engine; SQLite gets WAL mode, foreign keys and a busy timeout. With
+    ``background_checkpoints`` its connections never checkpoint the WAL themselves: a
+    ``state.checkpoints.WalCheckpointer`` (see ``sqlite_path``) must run beside them."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -26,9 +28,19 @@ def make_engine(database_url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        if background_checkpoints:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     return engine
+
+
+def sqlite_path(engine: Engine) -> Path | None:
+    """The database file of a file-backed SQLite engine; None for any other."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

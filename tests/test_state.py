@@ -81,3 +81,47 @@ def test_sessions_belong_to_their_user(engine) -> None:  # noqa: ANN001
         assert store.get_session(db, session_id=sid, user_id=alice.id).title == "mine"
         assert store.get_session(db, session_id=sid, user_id=bob.id) is None
         assert store.list_sessions(db, user_id=bob.id) == []
+
+
+def test_wal_checkpoints_run_beside_the_writers_not_in_their_commits(tmp_path: Path) -> None:
+    """The server's connections never checkpoint in a commit (that is the event loop's time); the
+    checkpoint thread copies the WAL back while they write, and its stop leaves an empty WAL and a
+    database file that holds everything."""
+    import time
+
+    from state.checkpoints import WalCheckpointer
+
+    path = tmp_path / "a.db"
+    eng = state_db.make_engine(f"sqlite:///{path}", background_checkpoints=True)
+    state_db.upgrade(eng)
+    wal = Path(f"{path}-wal")
+
+    def write(n: int) -> None:
+        for _ in range(n):  # each commit appends pages to the WAL
+            with state_db.make_session_factory(eng).begin() as db:
+                store.create_session(db, user_id=store.get_or_create_user(db, name="u").id, title="x" * 2000)
+
+    write(600)  # well past SQLite's 1,000-page automatic checkpoint
+    with eng.connect() as conn:
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 0
+        page = conn.execute(text("PRAGMA page_size")).scalar()
+    size = wal.stat().st_size
+    assert size > 1000 * page, "the writers' own commits checkpointed (the WAL was rewound)"
+
+    ckpt = WalCheckpointer(path, interval_s=0.05)
+    ckpt.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (ckpt.last is None or ckpt.last[1] != ckpt.last[2]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ckpt.last is not None and ckpt.last[0] == 0 and ckpt.last[1] == ckpt.last[2], ckpt.last
+        write(600)  # the WAL is rewound after a full checkpoint, not grown
+        assert wal.stat().st_size <= size * 1.1
+    finally:
+        ckpt.stop()
+    eng.dispose()
+    assert not wal.exists() or wal.stat().st_size == 0
+    import sqlite3
+
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1200
