@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="chat model folder (default: build a random-weight one)")
     ap.add_argument("--concurrency", type=int, nargs="*", help="sessions per chat run (overrides the profile)")
     ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--variants", nargs="*", help="run only these of the profile's configurations (the naive baseline always runs)")
     ap.add_argument("--only", nargs="*", default=["chat", "web", "mixed", "media"], choices=["chat", "web", "mixed", "media"])
     ap.add_argument("--with-media", action="store_true", help="run the speech and vision benchmarks too")
     ap.add_argument("--out", type=Path)
@@ -276,6 +277,11 @@ def main() -> None:
         prof["concurrency"] = args.concurrency
     if args.max_new_tokens:
         prof["max_new_tokens"] = args.max_new_tokens
+    if args.variants:
+        unknown = set(args.variants) - set(prof["variants"])
+        if unknown:
+            ap.error(f"no variant {sorted(unknown)} in profile {args.profile}: {sorted(prof['variants'])}")
+        prof["variants"] = {k: v for k, v in prof["variants"].items() if k in args.variants}
     out = args.out or ROOT / "bench" / "results" / f"load_{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
