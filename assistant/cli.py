@@ -18,17 +18,11 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from assistant.server import create_app
+    from assistant.server import create_app, uvicorn_options
 
     settings = _settings(args)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        ws_max_size=max(4 * settings.max_frame_bytes, 1 << 20),
-    )
+    uvicorn.run(app, log_level=args.log_level, **uvicorn_options(settings))
     return 0
 
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     import uvicorn
 
-    from assistant.server import create_app
+    from assistant.server import create_app, uvicorn_options
     from assistant.settings import Settings
     from bench.baseline import FloodSkill, NaiveChatSkill
     from skills.chat_worker import ChatWorkerOptions
@@ -99,7 +99,7 @@ def main() -> None:
     with app.state.sessions.begin() as db:
         token = store.create_token(db, user=store.get_or_create_user(db, name="bench"), label="bench")
     (args.workdir / "token").write_text(token)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=1 << 20)
+    uvicorn.run(app, log_level="warning", **uvicorn_options(settings))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import connect
 
-from assistant.server import create_app
+from assistant.server import create_app, uvicorn_options
 from assistant.settings import Settings
 from state import db as state_db
 from state import store
@@ -83,9 +83,7 @@ class LiveServer:
 
 def start_server(settings: Settings, **kwargs: object) -> LiveServer:
     app = create_app(settings, **kwargs)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=1 << 20, lifespan="on"
-    )
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_options(settings))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

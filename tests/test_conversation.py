@@ -128,3 +128,20 @@ def test_health_metrics_docs_and_page(server: LiveServer) -> None:
     assert "/v1/sessions/{session_id}/messages" in openapi["paths"]
     page = httpx.get(f"{server.http}/")
     assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_the_server_declines_websocket_compression(server: LiveServer) -> None:
+    """A client offering permessage-deflate (as browsers and ``websockets`` do) gets plain frames:
+    each connection then holds no zlib context (idle-session memory, frames per second)."""
+
+    async def go() -> tuple[str | None, str | None, list, dict]:
+        async with ws_client(server, server.token("alice")) as c:
+            offered = c.ws.request.headers.get("Sec-WebSocket-Extensions")
+            accepted = c.ws.response.headers.get("Sec-WebSocket-Extensions")
+            await c.send(type="ping")
+            return offered, accepted, c.ws.protocol.extensions, await c.until_type("pong")
+
+    offered, accepted, extensions, pong = asyncio.run(go())
+    assert offered and "permessage-deflate" in offered
+    assert accepted is None and extensions == []
+    assert pong["type"] == "pong"
