@@ -144,10 +144,12 @@ class DialogueManager:
     def _owned(self, db: Session, user_id: str, session_id: str) -> ChatSession:
         sess = store.get_session(db, session_id=session_id, user_id=user_id)
         if sess is None:
-            raise DialogueError(
-                p.ErrorCode.session_not_found, f"no session {session_id!r} for this user", session_id=session_id
-            )
+            raise self._not_found(session_id)
         return sess
+
+    @staticmethod
+    def _not_found(session_id: str) -> DialogueError:
+        return DialogueError(p.ErrorCode.session_not_found, f"no session {session_id!r} for this user", session_id=session_id)
 
     def routable_skills(self) -> dict[str, Skill]:
         """Skills a turn can be routed to (input stages such as speech feed the router instead)."""
@@ -244,7 +246,9 @@ class DialogueManager:
         busy = runner is not None and (runner.current is not None or bool(runner.queue))
         waiting = (len(runner.queue) - (0 if runner.current else 1)) if busy else 0  # type: ignore[union-attr]
         with self._db() as db:
-            sess = self._owned(db, user_id, event.session_id)
+            sess = store.session_head(db, session_id=event.session_id, user_id=user_id)
+            if sess is None:
+                raise self._not_found(event.session_id)
             unknown, image_ids = (
                 turn_attachments(db, user_id=user_id, session_id=sess.id, ids=event.attachment_ids)
                 if event.attachment_ids

@@ -70,6 +70,13 @@ def get_session(db: Session, *, session_id: str, user_id: str) -> ChatSession | 
     return sess if sess is not None and sess.user_id == user_id else None
 
 
+def session_head(db: Session, *, session_id: str, user_id: str) -> Row | None:
+    """The session's ``id``, ``user_id`` and ``title`` if it belongs to ``user_id``, else None: one
+    prepared Core read, for turn admission."""
+    row = db.connection().execute(_SESSION_HEAD, {"sid": session_id}).first()
+    return row if row is not None and row.user_id == user_id else None
+
+
 def list_sessions(db: Session, *, user_id: str, limit: int = 100, offset: int = 0) -> Sequence[ChatSession]:
     stmt = (
         select(ChatSession)
@@ -98,7 +105,7 @@ def delete_session(db: Session, *, session: ChatSession) -> None:
 def add_turn(
     db: Session,
     *,
-    session: ChatSession,
+    session: Row | ChatSession,
     turn_id: str,
     text: str,
     attachment_ids: list[str],
@@ -111,7 +118,8 @@ def add_turn(
     """Store a user message and its (empty) assistant message, which carries the turn's status.
     Returns (the reply's id, the user message's position). ``position`` is the next free one when
     the caller has just read the session's messages (else it is looked up); ``reply`` sets more of
-    the reply's columns (a turn routed as it is admitted). Core statements: a turn is admitted on
+    the reply's columns (a turn routed as it is admitted). ``session`` is a ``session_head`` row or
+    the ORM object (which is then kept in step with the row). Core statements: a turn is admitted on
     the event loop, and a burst of them waits on this."""
     conn = db.connection()
     if position is None:
@@ -133,8 +141,9 @@ def add_turn(
     if session.title == "New chat" and text.strip():
         values["title"] = " ".join(text.split())[:60]
     conn.execute(update(_sessions_t).where(_sessions_t.c.id == session.id).values(**values))
-    for key, value in values.items():  # the caller's object agrees with the row, without a flush
-        set_committed_value(session, key, value)
+    if isinstance(session, ChatSession):
+        for key, value in values.items():  # the caller's object agrees with the row, without a flush
+            set_committed_value(session, key, value)
     return reply_id, pos
 
 
@@ -175,6 +184,9 @@ _LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.se
 FINISH_FIELDS = ("status", "text", "finished_at", "error_code", "prompt_tokens", "completion_tokens")
 _FINISH = (
     update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values({k: bindparam(f"v_{k}") for k in FINISH_FIELDS})
+)
+_SESSION_HEAD = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
+    _sessions_t.c.id == bindparam("sid")
 )
 _CONTEXT = (
     select(*(_messages_t.c[k] for k in ("position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
