@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, default=10)
     ap.add_argument("--port", type=int, default=8934)
     ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy: CPU ms per turn")
+    ap.add_argument("--out", type=Path, help="also write the result here as JSON")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="admission-"))
     server = subprocess.Popen(
@@ -105,6 +106,9 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     result = {
+        "command": "python bench/admission.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": psutil.cpu_count(),
         "sessions": SESSIONS,
         "bursts_ttft_ms_p50_p95": [(round(a, 1), round(b, 1)) for a, b in runs],
         "median_ttft_ms": {"p50": round(statistics.median(r[0] for r in runs), 1), "p95": round(statistics.median(r[1] for r in runs), 1)},
@@ -116,6 +120,8 @@ def main() -> None:
         result["py_spy_ms_per_turn"] = round(samples / (SESSIONS * args.bursts), 2)
         result["py_spy_raw"] = str(raw)
     print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

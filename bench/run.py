@@ -117,6 +117,10 @@ class ServerProcess:
     def rss(self) -> int:
         return psutil.Process(self.pid).memory_info().rss
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far."""
+        return sum(psutil.Process(self.pid).cpu_times()[:2])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -154,8 +158,9 @@ def web_process(workdir: Path, sessions: int, words: int, idle: int) -> dict:
     srv = ServerProcess("flood", ["--mode", "flood", "--flood-words", str(words), "--flush-interval", "0"], workdir, free_port())
     try:
         asyncio.run(load.chat_load(srv.ws, srv.token, 2))
-        before = load.loop_lag(srv.http)
+        before, cpu0 = load.loop_lag(srv.http), srv.cpu_s()
         flood = asyncio.run(load.chat_load(srv.ws, srv.token, sessions))
+        flood["server_cpu_ms_per_1000_frames"] = round((srv.cpu_s() - cpu0) * 1e6 / max(flood["frames"], 1), 1)
         flood["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
 
         async def hold() -> dict:
