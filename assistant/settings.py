@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Where the chat model runs: "process" (a child process: the batching loop never holds the web
     # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
     chat_worker: Literal["auto", "thread", "process"] = "auto"
+    # Where the speech and vision models run, the same choice: "process" (each model in a child
+    # process; the worker's batching stays here and waits on a pipe), "thread", or "auto".
+    media_worker: Literal["auto", "thread", "process"] = "auto"
     # Load models at start-up; tests may turn this off to start with no skill.
     load_models: bool = True
 

@@ -219,10 +219,13 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     try:
         ws, tok = srv.ws, srv.token
         asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
+        before = load.loop_lag(srv.http)
         alone = asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))
+        alone["loop_lag"] = load.lag_between(before, before := load.loop_lag(srv.http))
         loaded = asyncio.run(load.chat_with_media(
             srv.http, ws, tok, cfg["sessions"], speech_streams=cfg["speech_streams"], vision_streams=cfg["vision_streams"],
             pcm=pcm, image=image))  # fmt: skip
+        loaded["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
     finally:
         srv.stop()
     ratio = loaded["chat"]["ttft_ms"]["p95"] / alone["ttft_ms"]["p95"]

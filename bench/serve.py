@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", choices=["library", "on", "off"], default="on", help="library: let transformers decide")
     ap.add_argument("--compile-level", type=int, default=0)
     ap.add_argument("--worker", choices=["auto", "thread", "process"], default="auto", help="where the chat model runs")
+    ap.add_argument("--media-worker", choices=["auto", "thread", "process"], default="auto", help="where speech and vision run")
     ap.add_argument("--engine", choices=["auto", "slots", "library"], default="auto", help="the chat batching engine")
     ap.add_argument("--slots", type=int, default=None, help="slot engine: requests decoded at once")
     ap.add_argument("--kv-blocks", type=int, default=None)
@@ -76,6 +77,7 @@ def main() -> None:
         chat_cuda_graphs={"library": None, "on": True, "off": False}[args.cuda_graphs],
         chat_compile_level=args.compile_level,
         chat_worker=args.worker,
+        media_worker=args.media_worker,
         chat_engine=args.engine,
         chat_slots=args.slots,
         delta_flush_interval=args.flush_interval,

@@ -17,6 +17,9 @@ class SkillError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (skills.model_process) intact
+        return (type(self), (self.code, self.message))
+
 
 @dataclass(frozen=True)
 class HistoryItem:

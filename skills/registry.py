@@ -11,8 +11,9 @@ if TYPE_CHECKING:
     from assistant.settings import Settings
 
 
-def chat_in_child_process(choice: str, device: str) -> bool:
-    """``auto`` puts the chat model in a child process where it would use an NVIDIA GPU."""
+def in_child_process(choice: str, device: str) -> bool:
+    """Whether a model runs in a child process: ``auto`` puts it there where it would use an NVIDIA
+    GPU (its launch-bound Python would otherwise compete with the event loop for the GIL)."""
     if choice != "auto":
         return choice == "process"
     if device.startswith("cuda"):
@@ -46,7 +47,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
         system_prompt=settings.chat_system_prompt or None,
         context_tokens=settings.chat_context_tokens,
         enabled=settings.load_models,
-        in_process=not chat_in_child_process(settings.chat_worker, settings.chat_device),
+        in_process=not in_child_process(settings.chat_worker, settings.chat_device),
     )
     from skills.speech import build_speech_skill
 

@@ -41,6 +41,8 @@ class SpeechSkill(ModelSkill):
 
 
 def build_speech_skill(settings) -> SpeechSkill:  # noqa: ANN001 - assistant.settings.Settings
+    from skills.registry import in_child_process
+
     return SpeechSkill(
         SpeechWorkerOptions(
             model=settings.speech_model,
@@ -50,6 +52,7 @@ def build_speech_skill(settings) -> SpeechSkill:  # noqa: ANN001 - assistant.set
             batch_wait_ms=settings.speech_batch_wait_ms,
             max_tokens=settings.speech_max_tokens,
             engine=settings.speech_engine,
+            in_process=not in_child_process(settings.media_worker, settings.speech_device),
         ),
         # An empty ASSISTANT_SPEECH_MODEL turns speech off (status "disabled").
         enabled=settings.load_models and bool(settings.speech_model.strip()),

@@ -7,7 +7,9 @@ Requests that arrive while a batch runs wait in the queue and form the next batc
 windows go through ``skills.speech_decoder.StaticWhisperDecoder`` instead (the same greedy decoding
 with a static cache, each step one CUDA graph), when it matches whisper's own decoder at load. Audio longer
 than 30 s goes through ``model.transcribe`` on the float32 array (never a path: that would shell out
-to ffmpeg again). This is the in-process transport; torch and whisper are imported only here.
+to ffmpeg again). With ``in_process=False`` the model lives in a child process
+(``skills.model_process``) and this thread sends it each batch; torch and whisper are imported only
+where the model is.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skills.lifecycle import ModelLoadError
+from skills.model_process import ModelProcess
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class SpeechWorkerOptions:
     batch_wait_ms: float = 10.0  # how long a lone utterance waits for company
     max_tokens: int = 224  # most tokens decoded per 30-second window
     engine: str = "auto"  # static | library | auto (static on a GPU): see skills/speech_decoder.py
+    in_process: bool = True  # False: the model runs in a child process (skills/model_process.py)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class SpeechWorker:
         self.language: str | None = options.language
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.host: ModelProcess | None = None  # the model's process, when not in this one
         # Observability: sizes of the recent batched decodes, and calls per path.
         self.batch_sizes: deque[int] = deque(maxlen=256)
         self.decode_calls = 0
@@ -73,6 +78,18 @@ class SpeechWorker:
     # ------------------------------------------------------------------ loading (blocking; run in a thread)
 
     def load(self) -> None:
+        """Load the model (here, or in its own process) and start the batching thread."""
+        if self.options.in_process:
+            self.load_model()
+        else:
+            self.host = ModelProcess("speech-model", load_speech_model, replace(self.options, in_process=True))
+            info = self.host.start()
+            self.device, self.language = info["device"], info["language"]
+        self._thread = threading.Thread(target=self._loop, name="speech-worker", daemon=True)
+        self._thread.start()
+        log.info("speech model %s loaded on %s%s", self.options.model, self.device, "" if self.host is None else f" in process {self.host.pid}")
+
+    def load_model(self) -> None:
         try:
             import torch
             import whisper
@@ -101,9 +118,10 @@ class SpeechWorker:
         self.language = opts.language or (None if model.is_multilingual else "en")
         if opts.engine == "static" or (opts.engine == "auto" and device.startswith("cuda")):
             self.decoder = self._static_decoder(opts.engine == "static")
-        self._thread = threading.Thread(target=self._loop, name="speech-worker", daemon=True)
-        self._thread.start()
-        log.info("speech model %s loaded on %s", opts.model, device)
+
+    def host_info(self) -> dict[str, Any]:
+        """What the worker in the web process needs to know of a model loaded in a child."""
+        return {"device": self.device, "language": self.language, "engine": self.engine}
 
     def _static_decoder(self, required: bool) -> Any:
         """The static-cache decoder, checked against whisper's own on a probe; None (auto) if it differs."""
@@ -141,10 +159,14 @@ class SpeechWorker:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout=30)
+        if self.host is not None:
+            self.host.close()
 
     @property
     def engine(self) -> str:
         """How 30-second windows are decoded: "static" or "library" ("" before loading)."""
+        if self.host is not None:
+            return str(self.host.info.get("engine", ""))
         if self.model is None:
             return ""
         return "static" if self.decoder is not None else "library"
@@ -216,12 +238,29 @@ class SpeechWorker:
             r.future.set_result(res)
 
     def _free_cuda(self) -> None:
-        if self.device.startswith("cuda"):
+        if self.host is None and self.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
 
+    def _model(self, method: str, *args: Any) -> Any:
+        """Run one of the model's methods below, here or in the model's process."""
+        return getattr(self, method)(*args) if self.host is None else self.host.call(method, *args)
+
     def _decode_batch(self, reqs: list[_Request]) -> list[Transcription]:
+        self.decode_calls += 1
+        self.batch_sizes.append(len(reqs))
+        return self._model("decode_windows", [r.samples for r in reqs])
+
+    def _transcribe_long(self, reqs: list[_Request]) -> list[Transcription]:
+        (req,) = reqs
+        self.transcribe_calls += 1
+        return [self._model("transcribe_audio", req.samples)]
+
+    # ------------------------------------------------------------------ the model (here or in its process)
+
+    def decode_windows(self, samples: list[np.ndarray]) -> list[Transcription]:
+        """Decode utterances of up to 30 s together, each padded to one 30-second window."""
         import torch
         import whisper
 
@@ -229,13 +268,11 @@ class SpeechWorker:
         mels = torch.stack(
             [
                 whisper.log_mel_spectrogram(
-                    whisper.pad_or_trim(torch.from_numpy(r.samples)), n_mels=model.dims.n_mels, device=model.device
+                    whisper.pad_or_trim(torch.from_numpy(x)), n_mels=model.dims.n_mels, device=model.device
                 )
-                for r in reqs
+                for x in samples
             ]
         )
-        self.decode_calls += 1
-        self.batch_sizes.append(len(reqs))
         if self.decoder is not None:
             decode = self.decoder.tokenizer.decode
             return [Transcription(decode(r.tokens).strip(), r.language, len(r.tokens)) for r in self.decoder.decode(mels)]
@@ -249,18 +286,24 @@ class SpeechWorker:
             results = whisper.decode(model, mels, options)
         return [Transcription(res.text.strip(), res.language, len(res.tokens)) for res in results]
 
-    def _transcribe_long(self, reqs: list[_Request]) -> list[Transcription]:
+    def transcribe_audio(self, samples: np.ndarray) -> Transcription:
+        """Audio longer than 30 s: whisper's own sliding-window ``transcribe``."""
         import torch
 
-        (req,) = reqs
         with torch.inference_mode():
             out = self.model.transcribe(
-                req.samples,
+                samples,
                 language=self.language,
                 fp16=self.device.startswith("cuda"),
                 verbose=None,
                 sample_len=self.options.max_tokens,
             )
-        self.transcribe_calls += 1
         tokens = sum(len(seg.get("tokens", ())) for seg in out.get("segments", ()))
-        return [Transcription(str(out.get("text", "")).strip(), out.get("language"), tokens)]
+        return Transcription(str(out.get("text", "")).strip(), out.get("language"), tokens)
+
+
+def load_speech_model(options: SpeechWorkerOptions) -> SpeechWorker:
+    """The model's process builds its model with this (``skills.model_process``)."""
+    worker = SpeechWorker(options)
+    worker.load_model()
+    return worker

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 def build_vision_skills(settings: Settings) -> dict[str, Skill]:
     from skills.caption import CaptionSkill
+    from skills.registry import in_child_process
     from skills.offline.vision_engine import OFFLINE_FOLDER, OfflineVisionWorker, is_offline_vision_folder
     from skills.vision_worker import VisionWorkerOptions
     from skills.vqa import VqaSkill
@@ -34,6 +35,7 @@ def build_vision_skills(settings: Settings) -> dict[str, Skill]:
             max_batch=settings.vision_batch_size,
             batch_wait_ms=settings.vision_batch_wait_ms,
             local_files_only=settings.hub_offline,
+            in_process=not in_child_process(settings.media_worker, settings.vision_device),
         )
         skill = cls(options, enabled=settings.load_models)
         if is_offline_vision_folder(model) or Path(model).name == OFFLINE_FOLDER:  # classifier + OCR + colours

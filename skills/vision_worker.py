@@ -4,7 +4,8 @@ Requests from every session go into one queue on the event loop. A batcher task 
 request, collects more for ``batch_wait_ms`` (and everything that arrived while the previous batch
 ran), then runs ONE ``generate`` call for the whole batch on the worker's own thread, so the event
 loop never blocks. A failing batch fails its requests and the worker keeps serving.
-This is the in-process transport; torch is imported only here.
+With ``in_process=False`` the model lives in a child process (``skills.model_process``) and that
+thread only sends it each batch and waits; torch is imported only where the model is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from skills.base import SkillError
 from skills.loading import MODEL_LOAD_LOCK
 
 from skills.lifecycle import ModelLoadError
+from skills.model_process import ModelProcess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class VisionWorkerOptions:
     max_batch: int = 16  # most images in one generate call
     batch_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     local_files_only: bool = False  # never ask a model hub (set when none is reachable)
+    in_process: bool = True  # False: the model runs in a child process (skills/model_process.py)
 
 
 @dataclass
@@ -57,12 +60,27 @@ class VisionWorker:
         self._queue: asyncio.Queue[_Request] | None = None
         self._batcher: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision-{options.task}")
+        self.host: ModelProcess | None = None  # the model's process, when not in this one
         # Observability: sizes of the most recent batches, newest last.
         self.batch_sizes: deque[int] = deque(maxlen=256)
 
     # ------------------------------------------------------------------ loading (blocking; run in a thread)
 
     def load(self) -> None:
+        """Load the model, here or in a process of its own (blocking)."""
+        if self.options.in_process:
+            self.load_model()
+            return
+        self.host = ModelProcess(
+            f"{self.options.task}-model", load_vision_model, (type(self), replace(self.options, in_process=True))
+        )
+        self.device = self.host.start()["device"]
+        log.info("%s model %s loaded on %s in process %s", self.options.task, self.options.model, self.device, self.host.pid)
+
+    def host_info(self) -> dict[str, Any]:
+        return {"device": self.device}
+
+    def load_model(self) -> None:
         try:
             with MODEL_LOAD_LOCK:  # transformers' lazy imports race when two loaders start together
                 import torch
@@ -112,9 +130,14 @@ class VisionWorker:
         while self._queue is not None and not self._queue.empty():
             self._queue.get_nowait().future.cancel()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self.host is not None:
+            await asyncio.to_thread(self.host.close)
         self.model = None
 
     # ------------------------------------------------------------------ inference (blocking; worker thread)
+
+    def _generate(self, items: list[tuple[bytes, str | None]]) -> list[tuple[str, int] | SkillError]:
+        return self.generate_batch(items) if self.host is None else self.host.call("generate_batch", items)
 
     def generate_batch(self, items: list[tuple[bytes, str | None]]) -> list[tuple[str, int] | SkillError]:
         """Run one ``generate`` call for every decodable image in ``items``; returns, per item,
@@ -155,7 +178,7 @@ class VisionWorker:
 
     def submit(self, image: bytes, question: str | None) -> asyncio.Future:
         """Queue one image; the future resolves to (text, generated tokens) or raises ``SkillError``."""
-        if self.model is None:
+        if self.model is None and self.host is None:
             raise SkillError("skill_unavailable", f"the {self.options.task} model is not loaded")
         loop = asyncio.get_running_loop()
         if self._batcher is None or self._batcher.done():
@@ -192,16 +215,15 @@ class VisionWorker:
                 continue
             self.batch_sizes.append(len(batch))
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.generate_batch, [(r.image, r.question) for r in batch]
-                )
+                results = await loop.run_in_executor(self._executor, self._generate, [(r.image, r.question) for r in batch])
             except asyncio.CancelledError:
                 for r in batch:
                     r.future.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - one boundary per batch: log, fail it, keep serving
                 log.exception("%s batch of %d failed", self.options.task, len(batch))
-                _free_cuda_memory()
+                if self.host is None:  # the model's process frees its own
+                    _free_cuda_memory()
                 results = [SkillError("generation_failed", f"{self.options.task} failed: {type(exc).__name__}: {exc}")] * len(batch)
             for r, res in zip(batch, results):
                 if r.future.done():
@@ -220,3 +242,11 @@ def _free_cuda_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
+
+
+def load_vision_model(args: tuple[type[VisionWorker], VisionWorkerOptions]) -> VisionWorker:
+    """The model's process builds its model with this (``skills.model_process``)."""
+    cls, options = args
+    worker = cls(options)
+    worker.load_model()
+    return worker

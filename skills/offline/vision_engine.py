@@ -309,7 +309,7 @@ class OfflineVisionWorker(VisionWorker):
 
     labels: list[str]
 
-    def load(self) -> None:
+    def load_model(self) -> None:
         try:
             import torch
         except ImportError as exc:  # pragma: no cover - the project's install pulls it in
