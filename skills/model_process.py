@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 import sys
 import threading
@@ -124,6 +125,7 @@ class ModelProcess:
 
 def serve(factory: Callable[[Any], Any], options: Any, conn: Any) -> None:
     """Child entry point: build and load the model, then answer calls until ``close`` or EOF."""
+    _share_the_cores()
     try:
         model = factory(options)
     except Exception as exc:  # noqa: BLE001 - the parent raises it as the skill's load error
@@ -151,6 +153,16 @@ def serve(factory: Callable[[Any], Any], options: Any, conn: Any) -> None:
     close = getattr(model, "close", None)
     if callable(close):
         close()
+
+
+def _share_the_cores() -> None:
+    """Give torch's CPU work in this process a quarter of the cores (at least one). Every process
+    would otherwise start an OpenMP pool as wide as the machine, and the web process, the chat
+    model's process and two of these spinning full pools on the same cores made speech and vision
+    requests 3-9x slower on the 2-core CPU (mixed load, ``bench/README.md``)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
 
 
 def _free_cuda_memory() -> None:
