@@ -94,8 +94,9 @@ class ModelProcess:
                 self._conn.send((method, args))
                 kind, value = self._conn.recv()
             except (EOFError, OSError, BrokenPipeError):
-                code = self._proc.exitcode if self._proc is not None else None
-                self._stop()
+                proc = self._proc
+                self._stop()  # reaps it, so its exit code is known
+                code = proc.exitcode if proc is not None else None
                 raise ModelProcessExited(f"the {self.name} process exited (exit code {code})") from None
         if kind == "raise":
             raise value
