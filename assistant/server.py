@@ -39,7 +39,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
     """How uvicorn serves the app (the CLI, the benchmarks and the tests share these). Websocket
     frames go out uncompressed: they are small JSON events, and permessage-deflate kept a zlib
     context per connection (81 KiB per idle session against 35 without, over 1,000 sessions) and
-    cost about a fifth of the web process's time per frame (``bench/README.md``)."""
+    took about 5% of the web process's time per frame (``bench/README.md``)."""
     return {
         "host": settings.host,
         "port": settings.port,
