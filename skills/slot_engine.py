@@ -167,6 +167,7 @@ class SlotEngine:
         self._d_in = torch.zeros(4, slots, dtype=i64, device=dev)
         self._d_ids, self._d_pos, self._d_cols, self._d_busy = self._d_in
         self._d_rows = torch.arange(slots, dtype=i64, device=dev)[:, None]
+        self._d_idle = self._idle_state(1).to(dev)  # one idle slot's state column
         pmax, tmax = self.prefill_sizes[-1], self.prompt_lengths[-1]
         # Prefill: [batch, 2 + 2 * length]: slot, last prompt index, tokens, cache columns.
         self._p_in = torch.zeros(pmax, 2 + 2 * tmax, dtype=i64, device=dev)
@@ -177,6 +178,7 @@ class SlotEngine:
         self._pool: Any = None
         self._probe_logits: list[Any] | None = None
         self.steps = 0
+        self.moves = 0  # requests moved to a lower slot (observability)
 
     # ------------------------------------------------------------------ the forward passes
 
@@ -290,9 +292,29 @@ class SlotEngine:
             [[s, 0, self.spare, self.spare, 0] if v is None else [s, v[0], v[1], v[1], 1] for s, v in rows.items()],
             dtype=torch.long,
         ).T
-        on_gpu = self.device.startswith("cuda")
-        packed = host.contiguous().pin_memory().to(self.device, non_blocking=True) if on_gpu else host
+        packed = self._queued_copy(host)
         self._d_in[:, packed[0]] = packed[1:]
+
+    def move(self, moves: dict[int, int]) -> None:
+        """Move running requests to other slots (source -> idle destination): their keys, values and
+        decode state. Queued behind the step in flight, so the move carries what that step wrote;
+        the sources become idle."""
+        if not moves:
+            return
+        torch = self.torch
+        src, dst = self._queued_copy(torch.tensor([list(moves), list(moves.values())], dtype=torch.long))
+        for cache in (*self.cache.keys, *self.cache.values):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+        self._d_in[:, dst] = self._d_in[:, src]
+        self._d_in[:, src] = self._d_idle.expand(4, len(moves))
+        self.moves += len(moves)
+
+    def _queued_copy(self, host: Any) -> Any:
+        """``host`` on the device; on a GPU pinned and non-blocking, so it queues behind the step in
+        flight instead of waiting for it."""
+        if not self.device.startswith("cuda"):
+            return host
+        return host.contiguous().pin_memory().to(self.device, non_blocking=True)
 
     def launch(self, batch: int, context: int) -> Step:
         """Queue one decode step over slots ``[:batch]`` from the state on the device; attention

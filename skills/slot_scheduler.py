@@ -207,6 +207,7 @@ class SlotScheduler:
         engine = self.engine
         engine.patch(self._patches)
         self._patches = {}
+        self._compact()
         # A request's input position counts the step still in flight, whose token the host has not read.
         last = max(len(r.prompt) + len(r.tokens) - 1 + r.pending for r in self._running.values())
         step = engine.launch(bucket(max(self._running) + 1, engine.batch_sizes), bucket(last + 1, engine.contexts))
@@ -215,12 +216,27 @@ class SlotScheduler:
         self._on_step(len(self._running))
         return step, dict(self._running)
 
+    def _compact(self) -> None:
+        """Move the requests in the highest slots down into free ones when that narrows the batch
+        bucket every step runs: a long reply left alone at slot 200 would otherwise keep each step
+        256 rows wide. Only when the bucket shrinks, so moves are rare."""
+        width = bucket(len(self._running), self.engine.batch_sizes)
+        if max(self._running) < width:
+            return
+        free = [s for s in range(width) if s not in self._running]
+        moves = dict(zip((s for s in sorted(self._running) if s >= width), free))
+        self.engine.move(moves)
+        for src, dst in moves.items():
+            request = self._running.pop(src)
+            request.slot = dst
+            self._running[dst] = request
+
     def _collect(self, inflight: tuple[Any, dict[int, _Request]], outputs: list[StreamOutput]) -> None:
         step, members = inflight
         tokens = step.tokens()
-        for slot, request in members.items():
+        for slot, request in members.items():  # the slot each had when the step was launched
             request.pending -= 1
-            if self._running.get(slot) is request:  # not finished, cancelled or failed meanwhile
+            if self._running.get(request.slot) is request:  # not finished, cancelled or failed meanwhile
                 self._advance(request, tokens[slot], outputs)
 
     def _advance(self, request: _Request, token: int, outputs: list[StreamOutput]) -> None:

@@ -99,6 +99,7 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
     mid, finished = results["mid"]
     assert not finished and 10 <= len(mid) < MAX_NEW["mid"] and mid == reference["mid"][: len(mid)]
     assert worker.max_concurrent_requests == 3, "requests did not share the decode steps"
+    assert engine.moves > 0, "no request was moved down when the steps could narrow"
     if replay:
         kinds = {key[0] for key in engine._graphs}
         assert kinds == {"decode", "prefill"}, "the steps were not replayed"
@@ -124,6 +125,44 @@ def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> Non
     finally:
         worker.close()
     assert {rid: tokens for rid, (tokens, _) in results.items()} == want
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["eager", "replayed"])
+def test_a_reply_left_alone_in_a_high_slot_moves_down_and_the_steps_narrow(
+    wide_model: Path, reference: dict, replay: bool
+) -> None:
+    """Six requests fill slots 0-5 of 8; the five in the low slots finish first, one by one. Each
+    time the running ones fit a narrower bucket, those above it move down (keys, values and decode
+    state, behind the step in flight): the steps shrink from 8 rows to 4 to 1, and every reply is
+    still exactly what ``generate`` gives."""
+    worker = load(wide_model, engine="slots", slots=8)
+    manager = worker._manager
+    engine = manager.engine
+    engine.graphs_on = replay
+    widths: list[int] = []
+    launch = engine.launch
+
+    def recording(batch: int, context: int):  # noqa: ANN202
+        widths.append(batch)
+        return launch(batch, context)
+
+    engine.launch = recording
+    order = ["short", "late", "queued", "long", "mid", "long"]  # the last, "alone", takes slot 5
+    try:
+        for i, name in enumerate(order):
+            max_new = 6 + i if i < 5 else MAX_NEW[name]
+            rid = name if i < 5 else "alone"
+            manager.add_request(input_ids=PROMPTS[name], request_id=rid, max_new_tokens=max_new)
+        results: dict = {}
+        collect(worker, results, lambda r: r.get("alone", (0, False))[1] and len(r) == 6)
+    finally:
+        worker.close()
+    assert results["alone"][0] == reference["long"]
+    for i, name in enumerate(order[:5]):
+        assert results[name][0] == reference[name][: 6 + i], name
+    assert engine.moves == 3, "slots 4 and 5 down to 0 and 1 at four running, then 1 down to 0"
+    assert widths[0] == 8 and 4 in widths and widths[-1] == 1, widths
+    assert widths.count(1) >= MAX_NEW["long"] - 12, "the steps did not narrow once it was alone"
 
 
 def test_a_prompt_that_does_not_fit_its_slot_fails_alone(wide_model: Path, reference: dict) -> None:
