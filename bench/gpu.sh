@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU run, as one command for a machine that has the project's Python packages (or carries them
 # as wheels in .whl/, installed to /tmp/site without touching the system).
-#   bash bench/gpu.sh OUT_DIR [STAGE ...]     # stages: tests profile load (default: all three)
+#   bash bench/gpu.sh OUT_DIR [STAGE ...]     # stages: tests profile load (default: all three), staggered
 # tests:   the slot engine's and speech decoder's GPU tests (graph replay = eager steps)  -> OUT/gpu_tests.txt
 # profile: bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
 # load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520)            -> OUT/load_gpu.json, .png, log.txt
+# staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/results}}
 shift || true
@@ -26,7 +27,9 @@ for stage in $STAGES; do
                --out "$OUT_DIR/profile_slots_gpu.json" || rc=1 ;;
     load) timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" \
             2>&1 | tee "$OUT_DIR/log.txt" || rc=1 ;;
-    *) echo "unknown stage $stage (tests, profile, load)"; exit 2 ;;
+    staggered) timeout 240 python3 bench/staggered.py --shape qwen2.5-0.5b --sessions 256 --max-new 256 \
+               --out "$OUT_DIR/staggered_gpu.json" || rc=1 ;;
+    *) echo "unknown stage $stage (tests, profile, load, staggered)"; exit 2 ;;
   esac
 done
 exit $rc
