@@ -23,6 +23,7 @@ that check and the caller keeps the library's engine. Torch is imported only by 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,7 @@ class SlotEngine:
         self._probe_logits: list[Any] | None = None
         self.steps = 0
         self.moves = 0  # requests moved to a lower slot (observability)
+        self.widths: deque[int] = deque(maxlen=4096)  # rows of the recent decode steps (observability)
 
     # ------------------------------------------------------------------ the forward passes
 
@@ -322,6 +324,7 @@ class SlotEngine:
         GPU; ``Step.tokens()`` waits for the result."""
         tokens = self._run(("decode", batch, context), lambda: self._decode_fn(batch, context))
         self.steps += 1
+        self.widths.append(batch)
         if not self.device.startswith("cuda"):
             return Step(tokens.clone(), None)  # a replayed step's output is overwritten by the next
         host = self.torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

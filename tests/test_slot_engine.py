@@ -139,14 +139,7 @@ def test_a_reply_left_alone_in_a_high_slot_moves_down_and_the_steps_narrow(
     manager = worker._manager
     engine = manager.engine
     engine.graphs_on = replay
-    widths: list[int] = []
-    launch = engine.launch
-
-    def recording(batch: int, context: int):  # noqa: ANN202
-        widths.append(batch)
-        return launch(batch, context)
-
-    engine.launch = recording
+    engine.widths.clear()  # the load check's steps
     order = ["short", "late", "queued", "long", "mid", "long"]  # the last, "alone", takes slot 5
     try:
         for i, name in enumerate(order):
@@ -157,6 +150,7 @@ def test_a_reply_left_alone_in_a_high_slot_moves_down_and_the_steps_narrow(
         collect(worker, results, lambda r: r.get("alone", (0, False))[1] and len(r) == 6)
     finally:
         worker.close()
+    widths = list(engine.widths)
     assert results["alone"][0] == reference["long"]
     for i, name in enumerate(order[:5]):
         assert results[name][0] == reference[name][: 6 + i], name
