@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import threading
 import time
 from collections import deque
@@ -23,13 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
-from skills.lifecycle import ModelLoadError
+from skills.model_process import spawn
 from skills.slot_scheduler import StreamOutput
 
 log = logging.getLogger(__name__)
 
 STATS_EVERY = 0.1  # seconds between occupancy reports while nothing else is sent
-START_TIMEOUT = 900.0  # seconds a model may take to load in the child
 
 
 class ChatProcessWorker:
@@ -58,21 +56,7 @@ class ChatProcessWorker:
 
         if self._conn is not None:  # a restart: the old process is gone
             self._conn.close()
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=serve, args=(self.options, child), name="chat-worker", daemon=True)
-        self._proc.start()
-        child.close()
-        if not parent.poll(START_TIMEOUT):
-            self._proc.kill()
-            raise ModelLoadError(f"the chat worker process did not load {self.options.model!r} in {START_TIMEOUT:.0f} s")
-        try:
-            kind, info = parent.recv()
-        except EOFError:
-            raise ModelLoadError(f"the chat worker process exited while loading (exit code {self._proc.exitcode})") from None
-        if kind == "error":
-            self._proc.join(10)
-            raise ModelLoadError(info)
+        self._proc, parent, info = spawn(serve, (self.options,), name="chat-worker", what=repr(self.options.model))
         local = {"local_files_only": True} if self.options.local_files_only else {}
         self.tokenizer = AutoTokenizer.from_pretrained(self.options.model, **local)
         self.eos_token_ids, self.max_positions = info["eos_token_ids"], info["max_positions"]

@@ -62,26 +62,10 @@ class ModelProcess:
 
     def _start(self) -> dict[str, Any]:
         self._stop()
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=serve, args=(self.factory, self.options, child), name=self.name, daemon=True)
-        proc.start()
-        child.close()
-        if not parent.poll(START_TIMEOUT):
-            proc.kill()
-            raise ModelLoadError(f"the {self.name} process did not load its model in {START_TIMEOUT:.0f} s")
-        try:
-            kind, value = parent.recv()
-        except EOFError:
-            proc.join(10)
-            raise ModelLoadError(f"the {self.name} process exited while loading (exit code {proc.exitcode})") from None
-        if kind != "ready":
-            proc.join(10)
-            raise value if isinstance(value, ModelLoadError) else ModelLoadError(str(value))
-        self._proc, self._conn, self.info = proc, parent, value
+        self._proc, self._conn, self.info = spawn(serve, (self.factory, self.options), name=self.name, what="its model")
         self.starts += 1
-        log.info("%s model loaded in process %d", self.name, proc.pid)
-        return value
+        log.info("%s model loaded in process %d", self.name, self._proc.pid)
+        return self.info
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method`` in the child (blocking). A child that has exited is started again first."""
@@ -119,6 +103,29 @@ class ModelProcess:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+def spawn(target: Callable[..., None], args: tuple, *, name: str, what: str) -> tuple[Any, Any, Any]:
+    """Start ``target(*args, conn)`` in a spawned child and wait for its first message: ``("ready",
+    info)`` returns (process, pipe, info); anything else, a timeout or an exit raises
+    ``ModelLoadError`` (``what`` names what it was loading). Both child transports start this way."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child), name=name, daemon=True)
+    proc.start()
+    child.close()
+    if not parent.poll(START_TIMEOUT):
+        proc.kill()
+        raise ModelLoadError(f"the {name} process did not load {what} in {START_TIMEOUT:.0f} s")
+    try:
+        kind, value = parent.recv()
+    except EOFError:
+        proc.join(10)
+        raise ModelLoadError(f"the {name} process exited while loading (exit code {proc.exitcode})") from None
+    if kind != "ready":
+        proc.join(10)
+        raise value if isinstance(value, ModelLoadError) else ModelLoadError(str(value))
+    return proc, parent, value
 
 
 # ---------------------------------------------------------------------- the child process
