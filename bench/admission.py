@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
 import psutil  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from bench.load import _session  # noqa: E402
+from bench.run import ServerProcess  # noqa: E402
 
 SESSIONS = 64
 
@@ -70,26 +70,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the result here as JSON")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="admission-"))
-    server = subprocess.Popen(
-        [sys.executable, "bench/serve.py", "--mode", "flood", "--flood-words", "1", "--port", str(args.port),
-         "--workdir", str(workdir), "--device", "cpu"],
-        cwd=ROOT, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    server = ServerProcess("flood", ["--mode", "flood", "--flood-words", "1", "--device", "cpu"], workdir, args.port)
     spy, cpu = None, {}
-    proc = psutil.Process(server.pid)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{args.port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        token = (workdir / "token").read_text()
 
         def start_spy() -> None:
             nonlocal spy
-            cpu["start"] = sum(proc.cpu_times()[:2])
+            cpu["start"] = server.cpu_s()
             tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
             if args.py_spy and tool:
                 spy = subprocess.Popen(
@@ -97,14 +84,13 @@ def main() -> None:
                      "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
 
-        runs = asyncio.run(bursts(f"ws://127.0.0.1:{args.port}/v1/ws", token, args.bursts, start_spy))
-        cpu["end"] = sum(proc.cpu_times()[:2])
+        runs = asyncio.run(bursts(server.ws, server.token, args.bursts, start_spy))
+        cpu["end"] = server.cpu_s()
     finally:
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
             spy.wait(30)
-        server.terminate()
-        server.wait(30)
+        server.stop()
     result = {
         "command": "python bench/admission.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
