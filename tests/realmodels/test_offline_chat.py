@@ -49,7 +49,7 @@ def test_the_slot_engine_generates_what_generate_does_with_real_weights(offline_
                 got[out.request_id] = list(out.generated_tokens)
     finally:
         worker.close()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # as the CPU worker runs it
     for rid, prompt in prompts.items():
         want = model.generate(
             torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=worker.eos_token_ids,
