@@ -395,8 +395,8 @@ def prepare(models_dir: Path, cache: Path | None, skills: list[str], *, force: b
                 "space and run the command again"
             ) from None
         finally:
-            for folder in (partial, None if cache else wheel_dir):
-                if folder is not None and folder.exists():
-                    shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)  # gone already once installed
+            if cache is None:
+                shutil.rmtree(wheel_dir, ignore_errors=True)
         report[skill] = f"prepared at {final} (check: {note})"
     return report
