@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # Slot engine: requests decoded at once; more wait their turn (None: 16 on CPU; on a GPU up to
     # 256, as many as fit 30% of the memory free after loading).
     chat_slots: int | None = None
+    # Slot engine: Llama- and Qwen2-style models run through a forward of their own weights in about
+    # a third of the kernels per step (skills/fused_decoder.py); off runs the model's own decoder.
+    # Either way the load check compares it with the model's own forward and falls back.
+    chat_fused_forward: bool = True
     # Where the chat model runs: "process" (a child process: the batching loop never holds the web
     # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
     chat_worker: Literal["auto", "thread", "process"] = "auto"

@@ -3,7 +3,9 @@
 # as wheels in .whl/, installed to /tmp/site without touching the system).
 #   bash bench/gpu.sh OUT_DIR [STAGE ...]     # stages: tests profile load (default: all three), staggered
 # tests:   the slot engine's and speech decoder's GPU tests (graph replay = eager steps)  -> OUT/gpu_tests.txt
-# profile: bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
+# profile: bench/fused_step.py, one graph-replayed decode step through the fused forward and the model's
+#          own decoder, 1 and 64 rows                                            -> OUT/fused_step_gpu.json
+#          bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
 # load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520)            -> OUT/load_gpu.json, .png, log.txt
 # staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
 set -uo pipefail
@@ -23,7 +25,8 @@ for stage in $STAGES; do
   echo "=== $stage ($(date +%T))"
   case $stage in
     tests) timeout 180 python3 -m pytest -q -p no:cacheprovider -rs -k cuda_graphs tests/test_slot_engine.py tests/test_speech_decoder.py 2>&1 | tee "$OUT_DIR/gpu_tests.txt" || rc=1 ;;
-    profile) timeout 240 python3 bench/profile_chat.py --sessions 1 64 --engines slots --window-s 1.0 \
+    profile) timeout 120 python3 bench/fused_step.py --device cuda --shape qwen2.5-0.5b --out "$OUT_DIR/fused_step_gpu.json" || rc=1
+             timeout 240 python3 bench/profile_chat.py --sessions 1 64 --engines slots --window-s 1.0 \
                --out "$OUT_DIR/profile_slots_gpu.json" || rc=1 ;;
     load) timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" \
             2>&1 | tee "$OUT_DIR/log.txt" || rc=1 ;;

@@ -44,6 +44,7 @@ def profile_loop(
         for i in range(sessions):
             manager.add_request(input_ids=prompt, request_id=f"r{i}", max_new_tokens=4096, streaming=False)
         time.sleep(3.0)  # prefill done, graphs captured: steady decoding
+        forward = ("fused" if manager.engine.fused is not None else "model") if worker.engine == "slots" else None
         steps0 = worker.steps
         t0 = time.perf_counter()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -63,6 +64,7 @@ def profile_loop(
     return {
         "sessions": sessions,
         "engine": worker.engine,
+        "forward": forward,
         "cuda_graphs": cuda_graphs,
         "window_s": round(wall, 3),
         "steps": steps,

@@ -55,6 +55,7 @@ class ChatWorkerOptions:
     engine: str = "auto"  # auto | slots | library (see the module docstring)
     slots: int | None = None  # slot engine: requests decoded at once (None: 16 on CPU, up to 256 on GPU)
     context_tokens: int = 2048  # slot engine: prompt budget; a slot holds this plus max_new_tokens
+    fused_forward: bool = True  # slot engine: Llama/Qwen2 layers in fewer kernels (skills/fused_decoder.py)
 
 
 def _resolve_device(torch: Any, device: str) -> str:
@@ -157,6 +158,7 @@ class ChatWorker:
             engine = SlotEngine(
                 model, slots=slots or CPU_SLOTS, max_len=max_len,
                 sampling=Sampling(opts.temperature, opts.top_p), cuda_graphs=on_gpu and opts.cuda_graphs is not False,
+                fused=opts.fused_forward,
             )
             why = engine.check(tokenizer(PROBE_TEXT)["input_ids"][:32])
             if why is None:

@@ -43,6 +43,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
             engine=settings.chat_engine,
             slots=settings.chat_slots,
             context_tokens=settings.chat_context_tokens,
+            fused_forward=settings.chat_fused_forward,
         ),
         system_prompt=settings.chat_system_prompt or None,
         context_tokens=settings.chat_context_tokens,

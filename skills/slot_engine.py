@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skills.cuda_graphs import capture
+from skills.fused_decoder import FusedDecoder, fusable
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ class Step:
 class SlotEngine:
     """Owns the static cache and the step functions (eager, or replayed from CUDA graphs)."""
 
-    def __init__(self, model: Any, *, slots: int, max_len: int, sampling: Sampling, cuda_graphs: bool) -> None:
+    def __init__(
+        self, model: Any, *, slots: int, max_len: int, sampling: Sampling, cuda_graphs: bool, fused: bool = True
+    ) -> None:
         import torch
 
         self.torch = torch
@@ -156,6 +159,9 @@ class SlotEngine:
             torch, layers=layers, slots=slots, kv_heads=kv_heads, head_dim=head_dim,
             max_len=max_len, dtype=self.dtype, device=self.device,
         )
+        # Llama/Qwen2-style models run through the fused forward (skills/fused_decoder.py); others,
+        # and any whose fused forward fails the load check, through the model's own decoder.
+        self.fused = FusedDecoder(model, self.cache, max_len) if fused and fusable(model) is None else None
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < slots] + [slots]
         self.contexts = doubling_buckets(MIN_CONTEXT_BUCKET, max_len)
         self.prompt_lengths = doubling_buckets(MIN_PROMPT_BUCKET, max_len)
@@ -204,8 +210,7 @@ class SlotEngine:
         ids, pos = self._d_ids[:batch, None], self._d_pos[:batch, None]
         self.cache.set_decode(self._d_rows[:batch], self._d_cols[:batch, None], context)
         mask = torch.arange(context, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
-        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
-        tokens = self._sample(self.head(out.last_hidden_state[:, -1]))
+        tokens = self._sample(self.head(self._forward(ids, pos, mask)[:, -1]))
         # Advance the state for the next step: this token in, busy rows one position on.
         self._d_ids[:batch].copy_(tokens)
         self._d_pos[:batch].add_(self._d_busy[:batch])
@@ -220,9 +225,15 @@ class SlotEngine:
         self.cache.set_prefill(rows, cols)
         t = torch.arange(length, device=self.device)
         mask = (t[None, :] <= t[:, None])[None, None].expand(batch, 1, length, length)
-        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
-        last = out.last_hidden_state[torch.arange(batch, device=self.device), last]
+        last = self._forward(ids, pos, mask)[torch.arange(batch, device=self.device), last]
         return self._sample(self.head(last))
+
+    def _forward(self, ids: Any, pos: Any, mask: Any) -> Any:
+        """The last hidden states; keys and values go into the slots set on the cache."""
+        if self.fused is not None:
+            return self.fused(ids, pos, mask)
+        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=False)
+        return out.last_hidden_state
 
     def _run(self, key: tuple, fn: Callable[[], Any]) -> Any:
         with self.torch.inference_mode():
@@ -357,7 +368,21 @@ class SlotEngine:
     # ------------------------------------------------------------------ the load-time check
 
     def check(self, probe: list[int]) -> str | None:
-        """Return why this engine cannot serve the model, or None. Slot 0 must be free.
+        """Return why this engine cannot serve the model, or None. Slot 0 must be free. A fused
+        forward that fails the check is dropped, and the model's own decoder is checked instead."""
+        if self.fused is not None:
+            try:
+                why = self._check(probe)
+            except Exception as exc:  # noqa: BLE001 - a layout the fused forward misreads
+                why = f"{type(exc).__name__}: {exc}"
+            if why is None:
+                return None
+            log.warning("the fused chat forward failed its check (%s); running the model's own decoder", why)
+            self.fused = None
+        return self._check(probe)
+
+    def _check(self, probe: list[int]) -> str | None:
+        """One check of the forward in use.
 
         ``probe`` goes through the engine eagerly (half prefilled, the rest decoded token by token)
         and through the model's own forward: every next-token logit must agree within the dtype's

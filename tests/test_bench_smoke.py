@@ -41,3 +41,22 @@ def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_pat
     assert mixed["with_media"]["speech_latency_ms"]["p50"] > 0 and mixed["with_media"]["vision_latency_ms"]["p50"] > 0
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_fused_step_bench_counts_and_times_both_forwards(tmp_path: Path) -> None:
+    """bench/fused_step.py (what bench/gpu.sh runs on the GPU), in a short CPU run. The operation
+    counts are exact, not timings: the fused forward must dispatch well under half of the model
+    decoder's operations per decode step, at each batch size."""
+    out = tmp_path / "fused.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/fused_step.py", "--batches", "1", "4", "--steps", "2", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["batches"]] == [1, 4]
+    for row in result["batches"]:
+        ops = row["ops_per_step"]
+        assert ops["fused"]["total"] * 2.5 < ops["model"]["total"], ops
+        assert "rms_norm" in ops["fused"]["top"] and "rsqrt" in ops["model"]["top"], ops
+        assert row["step_ms"]["fused"] > 0 and row["step_ms"]["model"] > 0

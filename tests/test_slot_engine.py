@@ -61,17 +61,21 @@ def collect(worker: ChatWorker, results: dict, until, timeout: float = 60) -> No
             results[out.request_id] = (list(out.generated_tokens), out.is_finished())
 
 
-@pytest.mark.parametrize("replay", [False, True], ids=["eager", "replayed"])
+@pytest.mark.parametrize(
+    ("replay", "fused"), [(False, True), (True, True), (False, False)], ids=["eager", "replayed", "model-decoder"]
+)
 def test_slots_generate_what_generate_does_while_requests_come_and_go(
-    wide_model: Path, reference: dict, replay: bool
+    wide_model: Path, reference: dict, replay: bool, fused: bool
 ) -> None:
     """``replayed``: every step goes through the graph capture and replay path (its CPU stand-in):
-    warm-up runs, a capture that must not advance the decode state, one replay per step."""
-    worker = load(wide_model, engine="slots", slots=3)
+    warm-up runs, a capture that must not advance the decode state, one replay per step.
+    ``model-decoder``: the model's own decoder instead of the fused forward (the default)."""
+    worker = load(wide_model, engine="slots", slots=3, fused_forward=fused)
     try:
         assert worker.engine == "slots"
         manager = worker._manager
         engine = manager.engine
+        assert (engine.fused is not None) == fused
         engine.graphs_on = replay
 
         def add(name: str, **kw: object) -> None:
@@ -230,6 +234,61 @@ def test_the_load_check_catches_a_cache_that_reads_the_wrong_slot(wide_model: Pa
     engine.cache.update = wrong_row
     why = engine.check(probe)
     assert why is not None and "logits differ from the model's own forward" in why
+
+
+def test_a_fused_forward_that_disagrees_gives_way_to_the_model_decoder(wide_model: Path, reference: dict) -> None:
+    """A fused forward whose rotary table is wrong fails the load check; the engine then runs the
+    model's own decoder and still generates what ``generate`` does."""
+    from transformers import AutoModelForCausalLM
+
+    from skills.slot_engine import Sampling, SlotEngine
+
+    model = AutoModelForCausalLM.from_pretrained(wide_model).eval()
+    engine = SlotEngine(model, slots=2, max_len=128, sampling=Sampling(), cuda_graphs=False)
+    assert engine.fused is not None
+    engine.fused.cos = engine.fused.cos.flip(0)  # positions read backwards
+    assert engine.check(list(range(10, 40))) is None
+    assert engine.fused is None
+    prompt = PROMPTS["short"]
+    got = [engine.prefill([0], [prompt])[0]]
+    for i in range(MAX_NEW["short"] - 1):
+        got.append(engine.decode({0: (got[-1], len(prompt) + i)})[0])
+    assert got == reference["short"]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "llama-with-biases"])
+def test_the_fused_forward_matches_a_llama_model_with_and_without_biases(tmp_path: Path, bias: bool) -> None:
+    """Llama's layout (SmolLM2's), and its optional biases on every projection (o_proj and down_proj
+    included, which the fused forward adds after folding the residual in)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from skills.fused_decoder import fusable
+    from skills.slot_engine import Sampling, SlotEngine
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.35)
+    assert fusable(model) is None
+    engine = SlotEngine(model, slots=2, max_len=64, sampling=Sampling(), cuda_graphs=False)
+    probe = [(7 * i) % 300 for i in range(30)]
+    assert engine.check(probe) is None and engine.fused is not None
+    ids = probe[:12]
+    with torch.inference_mode():  # greedy through the model's own full forward, one token at a time
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    want = ids[12:]
+    assert len(set(want)) > 8, "the test model only repeats itself"
+    got = [engine.prefill([1], [probe[:12]])[0]]  # slot 1: rows above 0 are read right too
+    for i in range(19):
+        got.append(engine.decode({1: (got[-1], 12 + i)})[1])
+    assert got == want
 
 
 def test_a_model_the_slots_do_not_fit_falls_back_to_the_library(tmp_path: Path) -> None:
