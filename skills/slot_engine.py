@@ -4,8 +4,10 @@ transformers' continuous batching pages its KV cache, so every step's attention 
 that change, which SDPA needs a mask for; on the H200 run in bench/README.md a step cost about
 55 ms at 64 sequences, while the same model's forward replayed from one CUDA graph cost 2.9 ms.
 This engine gives each request a fixed row of a static cache (``[slots, kv_heads, max_len + 1,
-head_dim]`` per layer) and runs the model's own decoder (``model.get_decoder()``, unchanged) on
-shapes drawn from a few buckets, so each (batch, context-length) bucket is one captured graph:
+head_dim]`` per layer) and runs the model on shapes drawn from a few buckets, so each (batch,
+context-length) bucket is one captured graph. Llama- and Qwen2-style models run through a fused
+forward over their own weights (``skills/fused_decoder.py``, a third of the kernels); others
+through the model's own decoder (``model.get_decoder()``, unchanged):
 
 - decode: rows ``0..B-1`` of the cache (B = the batch bucket covering the highest busy slot), one
   token each at its own position; attention reads rows ``[:B, :, :L]`` (L = the context bucket)
@@ -371,10 +373,13 @@ class SlotEngine:
         """Return why this engine cannot serve the model, or None. Slot 0 must be free. A fused
         forward that fails the check is dropped, and the model's own decoder is checked instead."""
         if self.fused is not None:
+            graphs = self.graphs_on
             try:
                 why = self._check(probe)
             except Exception as exc:  # noqa: BLE001 - a layout the fused forward misreads
                 why = f"{type(exc).__name__}: {exc}"
+            if why is None and graphs and not self.graphs_on:  # the model's decoder may still capture
+                why, self.graphs_on = "its steps did not replay from CUDA graphs as they ran eagerly", True
             if why is None:
                 return None
             log.warning("the fused chat forward failed its check (%s); running the model's own decoder", why)
