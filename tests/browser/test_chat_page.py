@@ -25,12 +25,32 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path) -> Ite
     srv.stop()
 
 
-@pytest.fixture
-def page(browser, live: LiveServer):  # noqa: ANN001, ANN201
+@pytest.fixture(scope="module")
+def long_replies(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path) -> Iterator[LiveServer]:
+    """Replies of 256 tokens, for watching one stream in: the page renders once per animation frame,
+    and the tiny model's 24 tokens can all arrive within one."""
+    srv = start_server(
+        make_settings(tmp_path_factory.mktemp("browser-long"), tiny_chat_model, chat_temperature=1.0, chat_max_new_tokens=256)
+    )
+    yield srv
+    srv.stop()
+
+
+def open_page(browser, live: LiveServer) -> Iterator[object]:  # noqa: ANN001
     p = open_app(browser, live, live.token("alice"))
     yield p
     assert p.errors == [], p.errors  # no uncaught exception in the page
     p.context.close()
+
+
+@pytest.fixture
+def page(browser, live: LiveServer):  # noqa: ANN001, ANN201
+    yield from open_page(browser, live)
+
+
+@pytest.fixture
+def long_page(browser, long_replies: LiveServer):  # noqa: ANN001, ANN201
+    yield from open_page(browser, long_replies)
 
 
 def send(page, text: str) -> None:  # noqa: ANN001
@@ -44,7 +64,8 @@ def done(page, n: int = 1) -> None:  # noqa: ANN001
     )
 
 
-def test_send_streams_progressively_and_matches_the_stored_reply(page, live: LiveServer) -> None:  # noqa: ANN001
+def test_send_streams_progressively_and_matches_the_stored_reply(long_page, long_replies: LiveServer) -> None:  # noqa: ANN001
+    page, live = long_page, long_replies
     shot(page, "01-empty")
     # Record every length the reply's text goes through, as the user would see it grow.
     page.evaluate(
