@@ -126,15 +126,7 @@ class DialogueManager:
     @staticmethod
     def _log_many(db: Session, session_id: str, events: list[BaseModel]) -> list[str]:
         """Log ``events`` in order with the next seqs (one seq update, one insert); returns their frames."""
-
-        def payload(event: BaseModel) -> Callable[[int], str]:
-            def at(seq: int) -> str:
-                event.seq = seq  # type: ignore[attr-defined]
-                return p.dump_event(event)
-
-            return at
-
-        logged = store.append_events(db, events=[(session_id, e.type, payload(e)) for e in events])  # type: ignore[attr-defined]
+        logged = store.append_events(db, events=[(session_id, e.type, p.dump_at_seq(e)) for e in events])  # type: ignore[attr-defined]
         return [frame for _, frame in logged]
 
     def _fan_out(self, session_id: str, frame: str) -> None:

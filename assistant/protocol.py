@@ -10,6 +10,7 @@ errors, a server ``seq`` (monotonic per session, for resume), ``session_id`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Literal, Union
 
@@ -391,3 +392,13 @@ def parse_client_event(raw: str) -> ClientEvent:
 
 def dump_event(event: BaseModel) -> str:
     return event.model_dump_json(exclude_none=True)
+
+
+def dump_at_seq(event: BaseModel) -> Callable[[int], str]:
+    """``event``'s frame once the event log gives it its seq (``state.store.append_events`` calls it)."""
+
+    def at(seq: int) -> str:
+        event.seq = seq  # type: ignore[attr-defined]
+        return dump_event(event)
+
+    return at

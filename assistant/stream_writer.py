@@ -63,19 +63,11 @@ class StreamWriter:
         batch, self._pending = self._pending, []
         if not batch:
             return
-
-        def payload(event: BaseModel) -> Callable[[int], str]:
-            def at(seq: int) -> str:
-                event.seq = seq  # type: ignore[attr-defined]
-                return p.dump_event(event)
-
-            return at
-
         try:
             with self._sessions.begin() as db:
                 logged = store.append_events(
                     db,
-                    events=[(it.event.session_id, it.event.type, payload(it.event)) for it in batch],  # type: ignore[attr-defined]
+                    events=[(it.event.session_id, it.event.type, p.dump_at_seq(it.event)) for it in batch],  # type: ignore[attr-defined]
                     skip_missing=True,
                 )
                 store.update_reply_texts(db, texts={it.reply_id: it.text for it in batch if it.finished is None})
