@@ -125,12 +125,11 @@ def add_turn(
     if position is None:
         last = conn.execute(_LAST_POSITION, {"sid": session.id}).scalar()
         position = (last if last is not None else -1) + 1
-    pos = position
     reply_id = new_id()
     common = {"session_id": session.id, "turn_id": turn_id}  # the other columns take their defaults
-    user_row = {**common, "id": new_id(), "position": pos, "role": "user", "text": text, "input": input_kind,
+    user_row = {**common, "id": new_id(), "position": position, "role": "user", "text": text, "input": input_kind,
                 "status": "completed", "skill_override": None, "attachment_ids": list(attachment_ids)}  # fmt: skip
-    reply_row = {**common, "id": reply_id, "position": pos + 1, "role": "assistant", "text": "", "input": "text",
+    reply_row = {**common, "id": reply_id, "position": position + 1, "role": "assistant", "text": "", "input": "text",
                  "status": status, "skill_override": skill_override, "attachment_ids": []}  # fmt: skip
     if reply:
         reply_row.update(reply)
@@ -144,7 +143,7 @@ def add_turn(
     if isinstance(session, ChatSession):
         for key, value in values.items():  # the caller's object agrees with the row, without a flush
             set_committed_value(session, key, value)
-    return reply_id, pos
+    return reply_id, position
 
 
 def history(db: Session, *, session_id: str) -> Sequence[Row]:
