@@ -153,7 +153,7 @@ def serve(factory: Callable[[Any], Any], options: Any, conn: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - the caller's batch fails with it; the child serves on
             log.exception("%s failed in the model process", method)
             result = ("raise", _portable(exc))
-            _free_cuda_memory()
+            free_cuda_memory()
         try:
             conn.send(result)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:  # pickling fails before a byte is sent
@@ -173,10 +173,15 @@ def _share_the_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
 
 
-def _free_cuda_memory() -> None:
+def free_cuda_memory() -> None:
+    """Hand the CUDA caching allocator's free blocks back after a failed batch (an out-of-memory one
+    leaves them reserved). Nothing to do where torch was never imported; never raises."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - a broken CUDA context: the batch's own error is what matters
+        log.debug("could not empty the CUDA cache", exc_info=True)
 
 
 def _portable(exc: BaseException) -> BaseException:

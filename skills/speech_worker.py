@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from skills.lifecycle import ModelLoadError
-from skills.model_process import ModelProcess
+from skills.model_process import ModelProcess, free_cuda_memory
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +230,13 @@ class SpeechWorker:
             results = step(reqs)
         except Exception as exc:  # noqa: BLE001
             log.exception("speech decoding failed for %d request(s)", len(reqs))
-            self._free_cuda()
+            if self.host is None:  # the model's process frees its own
+                free_cuda_memory()
             for r in reqs:
                 r.future.set_exception(exc)
             return
         for r, res in zip(reqs, results, strict=True):
             r.future.set_result(res)
-
-    def _free_cuda(self) -> None:
-        if self.host is None and self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
 
     def _model(self, method: str, *args: Any) -> Any:
         """Run one of the model's methods below, here or in the model's process."""

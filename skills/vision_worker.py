@@ -23,7 +23,7 @@ from skills.base import SkillError
 from skills.loading import MODEL_LOAD_LOCK
 
 from skills.lifecycle import ModelLoadError
-from skills.model_process import ModelProcess
+from skills.model_process import ModelProcess, free_cuda_memory
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class VisionWorker:
             except Exception as exc:  # noqa: BLE001 - one boundary per batch: log, fail it, keep serving
                 log.exception("%s batch of %d failed", self.options.task, len(batch))
                 if self.host is None:  # the model's process frees its own
-                    _free_cuda_memory()
+                    free_cuda_memory()
                 results = [SkillError("generation_failed", f"{self.options.task} failed: {type(exc).__name__}: {exc}")] * len(batch)
             for r, res in zip(batch, results):
                 if r.future.done():
@@ -232,16 +232,6 @@ class VisionWorker:
                     r.future.set_exception(res)
                 else:
                     r.future.set_result(res)
-
-
-def _free_cuda_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def load_vision_model(args: tuple[type[VisionWorker], VisionWorkerOptions]) -> VisionWorker:
