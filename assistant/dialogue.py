@@ -32,7 +32,7 @@ from assistant.router import Decision, SessionState, TurnRequest, UnknownSkill, 
 from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
-from state.attachments import BlobStore
+from state.attachments import BlobStore, blob_refs, release_blobs, session_attachments
 from state.models import ChatSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,15 @@ class DialogueManager:
             if runner.task is not None:
                 runner.task.cancel()
                 await asyncio.gather(runner.task, return_exceptions=True)
+        blobs: set[str] = set()
         with self._db() as db:
             sess = store.get_session(db, session_id=session_id, user_id=user_id)
             if sess is not None:
+                blobs = {sha for row in session_attachments(db, session_id=session_id) for sha in blob_refs(row)}
                 store.delete_session(db, session=sess)
         self._subscribers.pop(session_id, None)
+        if blobs:  # its images and audio go with it, unless another session refers to the same bytes
+            await asyncio.to_thread(release_blobs, self._sessions, self.blobs, blobs)
         return True
 
     # ------------------------------------------------------------------ turns

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from assistant import protocol as p
@@ -23,8 +22,7 @@ from assistant.audio import AudioError, AudioLimits, check_samples, float_to_wav
 from assistant.dialogue import DialogueError, Subscriber
 from skills.base import SkillError
 from state import store
-from state.attachments import add_attachment
-from state.models import Attachment
+from state.attachments import add_attachment, release_blobs
 
 
 class SpeechFailure(Exception):
@@ -107,65 +105,60 @@ class SpeechInput:
         text, language = await self.transcribe(clip.samples)
         if not text:
             raise SpeechFailure(p.ErrorCode.audio_silent, "no speech was recognised in the audio; try again closer to the microphone")
-        blob = await self._write_blob(clip)
+        blob = await self._audio_bytes(clip)
+        shas = [blob[0]] if blob is not None else []
         meta = {"duration_ms": duration_ms, "transcript": text, "language": language, "source": clip.source}
 
         def attach(db: Session, turn_id: str | None) -> str | None:
             if blob is None:
                 return None
-            sha, size, _ = blob
+            sha, data = blob
             row = add_attachment(
                 db, user_id=user_id, session_id=session_id, sha256=sha, kind="audio",
-                mime_type=clip.mime_type, size_bytes=size, meta={**meta, "turn_id": turn_id},
+                mime_type=clip.mime_type, size_bytes=len(data), meta={**meta, "turn_id": turn_id},
             )  # fmt: skip
             return row.id
 
         try:
-            if review:
-                with self.sessions.begin() as db:
-                    attachment_id = attach(db, None)
-                return p.TranscriptFinal(
-                    session_id=session_id, text=text, duration_ms=duration_ms, review=True,
-                    attachment_id=attachment_id, event_id=event_id,
-                )  # fmt: skip
-            final: list[p.TranscriptFinal] = []
-
-            def on_store(db: Session, turn_id: str) -> p.TranscriptFinal:
-                final.append(
-                    p.TranscriptFinal(
-                        session_id=session_id, text=text, duration_ms=duration_ms, review=False,
-                        turn_id=turn_id, attachment_id=attach(db, turn_id), event_id=event_id,
+            with self.blobs.pinned(shas):  # a session deleted meanwhile leaves the file alone
+                if blob is not None:
+                    await asyncio.to_thread(self.blobs.write, *blob)
+                if review:
+                    with self.sessions.begin() as db:
+                        attachment_id = attach(db, None)
+                    return p.TranscriptFinal(
+                        session_id=session_id, text=text, duration_ms=duration_ms, review=True,
+                        attachment_id=attachment_id, event_id=event_id,
                     )  # fmt: skip
+                final: list[p.TranscriptFinal] = []
+
+                def on_store(db: Session, turn_id: str) -> p.TranscriptFinal:
+                    final.append(
+                        p.TranscriptFinal(
+                            session_id=session_id, text=text, duration_ms=duration_ms, review=False,
+                            turn_id=turn_id, attachment_id=attach(db, turn_id), event_id=event_id,
+                        )  # fmt: skip
+                    )
+                    return final[0]
+
+                self.dialogue.create_turn(
+                    user_id=user_id,
+                    event=p.TurnCreate(session_id=session_id, text=text, event_id=event_id),
+                    sub=sub,
+                    input_kind="speech",
+                    on_store=on_store,
                 )
                 return final[0]
-
-            self.dialogue.create_turn(
-                user_id=user_id,
-                event=p.TurnCreate(session_id=session_id, text=text, event_id=event_id),
-                sub=sub,
-                input_kind="speech",
-                on_store=on_store,
-            )
-            return final[0]
         except BaseException as exc:
-            if blob is not None and blob[2]:
-                self._forget_blob(blob[0])
+            if shas:  # the turn was refused: remove the audio unless another row refers to the same bytes
+                await asyncio.to_thread(release_blobs, self.sessions, self.blobs, shas)
             if isinstance(exc, DialogueError):
                 raise as_failure(exc) from None
             raise
 
-    async def _write_blob(self, clip: AudioClip) -> tuple[str, int, bool] | None:
-        """Store the audio's bytes unless retention is "discard"; returns (sha256, size, newly written)."""
+    async def _audio_bytes(self, clip: AudioClip) -> tuple[str, bytes] | None:
+        """The audio to store, and its sha256; None when retention is "discard"."""
         if self.settings.audio_retention == "discard":
             return None
         data = clip.data if clip.data is not None else await asyncio.to_thread(float_to_wav, clip.samples)
-        sha = hashlib.sha256(data).hexdigest()
-        fresh = not self.blobs.path(sha).exists()
-        await asyncio.to_thread(self.blobs.write, sha, data)
-        return sha, len(data), fresh
-
-    def _forget_blob(self, sha: str) -> None:
-        """Remove bytes written for a spoken turn that was then refused, unless a row references them."""
-        with self.sessions() as db:
-            if db.scalar(select(Attachment.id).where(Attachment.sha256 == sha).limit(1)) is None:
-                self.blobs.path(sha).unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest(), data

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from assistant.auth import User
 from assistant.images import ImageLimits, ImageRejected, check_image
 from state import store
-from state.attachments import BlobStore, add_attachment, get_attachment, session_attachments
+from state.attachments import BlobStore, add_attachment, get_attachment, release_blobs, session_attachments
 from state.models import Attachment
 
 router = APIRouter(prefix="/v1", tags=["attachments"])
@@ -71,7 +71,7 @@ def upload_image(request: Request, user: User, session_id: str, file: UploadFile
         if store.get_session(db, session_id=session_id, user_id=user.id) is None:
             raise _error("session_not_found", f"no session {session_id!r}", 404)
     data = _read_limited(file, settings.image_max_bytes)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = _sha256(data)
     with request.app.state.sessions() as db:
         existing = next((a for a in session_attachments(db, session_id=session_id) if a.sha256 == sha), None)
         if existing is not None:
@@ -81,28 +81,46 @@ def upload_image(request: Request, user: User, session_id: str, file: UploadFile
         image = check_image(data, limits)
     except ImageRejected as exc:
         raise _error(exc.code.value, exc.message, exc.status) from None
-    meta = {"width": image.width, "height": image.height, "format": image.format}
-    blobs.write(sha, data)
-    meta["display_sha256"] = sha if image.display is data else blobs.put(image.display)
-    meta["display_mime_type"] = image.display_mime_type
-    meta["thumbnail_sha256"] = blobs.put(image.thumbnail)
+    display_sha, thumbnail_sha = _sha256(image.display), _sha256(image.thumbnail)
+    files = {sha: data, display_sha: image.display, thumbnail_sha: image.thumbnail}
+    meta = {
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "display_sha256": display_sha,
+        "display_mime_type": image.display_mime_type,
+        "thumbnail_sha256": thumbnail_sha,
+    }
     try:
-        with request.app.state.sessions.begin() as db:
-            row = add_attachment(
-                db,
-                user_id=user.id,
-                session_id=session_id,
-                sha256=sha,
-                kind="image",
-                mime_type=image.mime_type,
-                size_bytes=len(data),
-                meta=meta,
-            )
-            return attachment_out(row)
-    except IntegrityError:  # the same bytes, uploaded at the same moment by another request
+        with blobs.pinned(files):  # a session deleted meanwhile leaves these files alone
+            for blob_sha, blob in files.items():
+                blobs.write(blob_sha, blob)
+            with request.app.state.sessions.begin() as db:
+                row = add_attachment(
+                    db,
+                    user_id=user.id,
+                    session_id=session_id,
+                    sha256=sha,
+                    kind="image",
+                    mime_type=image.mime_type,
+                    size_bytes=len(data),
+                    meta=meta,
+                )
+                return attachment_out(row)
+    except IntegrityError:  # the same bytes uploaded at the same moment, or the session deleted meanwhile
         with request.app.state.sessions() as db:
-            row = next(a for a in session_attachments(db, session_id=session_id) if a.sha256 == sha)
-            return attachment_out(row)
+            row = next((a for a in session_attachments(db, session_id=session_id) if a.sha256 == sha), None)
+            if row is not None:
+                return attachment_out(row)
+        release_blobs(request.app.state.sessions, blobs, files)
+        raise _error("session_not_found", f"no session {session_id!r}", 404) from None
+    except BaseException:  # no row refers to these files
+        release_blobs(request.app.state.sessions, blobs, files)
+        raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _owned(request: Request, user_id: str, attachment_id: str) -> Attachment:

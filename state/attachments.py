@@ -6,31 +6,36 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from state.models import Attachment
 
 
 class BlobStore:
-    """Content-addressed files: ``root/ab/abcdef...`` for sha256 ``abcdef...``. Writes are atomic."""
+    """Content-addressed files: ``root/ab/abcdef...`` for sha256 ``abcdef...``. Writes are atomic.
+
+    The same bytes are stored once for every session and user that sends them, so a blob is removed
+    only when no attachment row refers to it any more (``release_blobs``). A request that writes a
+    blob pins it until the row that refers to it is committed: a session deleted meanwhile must not
+    remove bytes another request is about to refer to."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
 
-    def path(self, sha256: str, suffix: str = "") -> Path:
-        return self.root / sha256[:2] / f"{sha256}{suffix}"
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes, suffix: str = "") -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        self.write(sha, data, suffix)
-        return sha
-
-    def write(self, sha256: str, data: bytes, suffix: str = "") -> Path:
-        target = self.path(sha256, suffix)
+    def write(self, sha256: str, data: bytes) -> Path:
+        target = self.path(sha256)
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +49,55 @@ class BlobStore:
             raise
         return target
 
-    def read(self, sha256: str, suffix: str = "") -> bytes:
-        return self.path(sha256, suffix).read_bytes()
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    @contextmanager
+    def pinned(self, shas: Iterable[str]) -> Iterator[None]:
+        """Keep ``shas`` from removal while they are written and the rows referring to them stored."""
+        shas = list(shas)
+        with self._lock:
+            self._pins.update(shas)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(shas)
+                self._pins = +self._pins  # drop the zero counts
+
+    def remove_unreferenced(self, shas: Iterable[str], referenced: Callable[[set[str]], set[str]]) -> set[str]:
+        """Remove the files of ``shas`` that are neither pinned nor in ``referenced(candidates)``."""
+        with self._lock:  # a pin taken meanwhile waits: its write then finds the file gone and writes it again
+            candidates = {sha for sha in shas if not self._pins[sha]}
+            gone = candidates - referenced(candidates) if candidates else set()
+            for sha in gone:
+                self.path(sha).unlink(missing_ok=True)
+        return gone
+
+
+def blob_refs(row: Attachment) -> set[str]:
+    """Every blob an attachment row refers to: the file as sent, and for images the oriented copy
+    served and the thumbnail."""
+    meta = row.meta or {}
+    return {row.sha256} | {meta[k] for k in ("display_sha256", "thumbnail_sha256") if meta.get(k)}
+
+
+def referenced_blobs(db: Session, shas: set[str]) -> set[str]:
+    """Which of ``shas`` some attachment row (any session, any user) still refers to."""
+    display = func.json_extract(Attachment.meta, "$.display_sha256")
+    thumbnail = func.json_extract(Attachment.meta, "$.thumbnail_sha256")
+    rows = db.execute(
+        select(Attachment.sha256, display, thumbnail).where(
+            or_(Attachment.sha256.in_(shas), display.in_(shas), thumbnail.in_(shas))
+        )
+    )
+    return {sha for row in rows for sha in row if sha in shas}
+
+
+def release_blobs(sessions: sessionmaker[Session], blobs: BlobStore, shas: Iterable[str]) -> set[str]:
+    """Remove the files of ``shas`` no attachment refers to any more; returns those removed."""
+    with sessions() as db:
+        return blobs.remove_unreferenced(shas, lambda candidates: referenced_blobs(db, candidates))
 
 
 def add_attachment(

@@ -11,7 +11,7 @@ from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from state.models import ChatSession, Event, Message, Token, User, new_id, utcnow
+from state.models import Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
 
 UNFINISHED = ("received", "queued", "routed", "running")
 
@@ -96,6 +96,7 @@ def rename_session(db: Session, *, session: ChatSession, title: str) -> None:
 def delete_session(db: Session, *, session: ChatSession) -> None:
     db.execute(delete(Event).where(Event.session_id == session.id))
     db.execute(delete(Message).where(Message.session_id == session.id))
+    db.execute(delete(Attachment).where(Attachment.session_id == session.id))  # their files: release_blobs
     db.delete(session)
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from state import db as state_db
-from state.attachments import session_attachments
+from state.attachments import blob_refs, session_attachments
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.photos import auth, new_session, photo, upload
 
@@ -202,3 +202,37 @@ def test_another_users_image_is_not_found(live: LiveServer, alice: str) -> None:
     r = upload(live.http, bob, sid, photo("rocket"))
     assert r.status_code == 404 and r.json()["detail"]["code"] == "session_not_found"
     assert httpx.get(live.http + att["url"]).status_code == 401
+
+
+def test_deleting_a_session_deletes_its_images_unless_another_session_has_the_same_bytes(
+    live: LiveServer, alice: str
+) -> None:
+    """The photo, its oriented copy and its thumbnail leave the disk with the last session that
+    holds them: deleting one of two sessions with the same photo keeps it for the other."""
+    bob = live.token("bob")
+    turned = Image.Exif()
+    turned[0x0112] = 6  # so the served copy is a file of its own
+    shared = photo("rocket", "JPEG", quality=71, exif=turned.tobytes())  # bytes no other test sends
+    alone = photo("coffee", "JPEG", quality=71)
+    mine, kept = new_session(live.http, alice), new_session(live.http, bob)
+    mine_shared, mine_alone = (upload(live.http, alice, mine, data).json() for data in (shared, alone))
+    theirs = upload(live.http, bob, kept, shared).json()
+
+    def files(session_id: str, sha: str) -> list[Path]:
+        with state_db.make_session_factory(live.app.state.engine)() as db:  # type: ignore[attr-defined]
+            row = next(a for a in session_attachments(db, session_id=session_id) if a.sha256 == sha)
+            return [live.app.state.blobs.path(s) for s in blob_refs(row)]  # type: ignore[attr-defined]
+
+    shared_files, alone_files = files(mine, mine_shared["sha256"]), files(mine, mine_alone["sha256"])
+    assert len(shared_files) == 3 and len(alone_files) == 2 and all(p.is_file() for p in shared_files + alone_files)
+
+    assert httpx.delete(f"{live.http}/v1/sessions/{mine}", headers=auth(alice)).status_code == 204
+    assert not any(p.exists() for p in alone_files)
+    assert all(p.is_file() for p in shared_files)
+    for att in (mine_shared, mine_alone):
+        assert httpx.get(live.http + att["url"], headers=auth(alice)).status_code == 404
+    for path in (theirs["url"], theirs["thumbnail_url"]):  # bob's copy is whole
+        assert httpx.get(live.http + path, headers=auth(bob)).status_code == 200, path
+
+    assert httpx.delete(f"{live.http}/v1/sessions/{kept}", headers=auth(bob)).status_code == 204
+    assert not any(p.exists() for p in shared_files)

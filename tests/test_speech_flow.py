@@ -169,6 +169,29 @@ def test_upload_in_review_mode_creates_no_turn(live: LiveServer, speech_files) -
     assert stored(live, sid)[0] == []
 
 
+def test_deleting_a_session_deletes_its_audio_unless_another_session_has_the_same_bytes(
+    live: LiveServer, speech_files  # noqa: ANN001
+) -> None:
+    token = live.token()
+    data = bytearray(speech_files["wav"].read_bytes())
+    data[-1] ^= 1  # one sample's low bit: bytes no other test sends
+    sha = hashlib.sha256(data).hexdigest()
+    headers = {"Authorization": f"Bearer {token}"}
+    sids = [httpx.post(f"{live.http}/v1/sessions", headers=headers, json={}).json()["id"] for _ in range(2)]
+    for sid in sids:  # the same recording sent to two sessions (review mode: stored, no turn)
+        r = httpx.post(
+            f"{live.http}/v1/sessions/{sid}/audio?review=true", headers=headers,
+            files={"file": ("a.wav", bytes(data), "audio/wav")}, timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200 and r.json()["attachment_id"], r.text
+    path = live.app.state.blobs.path(sha)  # type: ignore[attr-defined]
+    assert path.read_bytes() == data
+    assert httpx.delete(f"{live.http}/v1/sessions/{sids[0]}", headers=headers).status_code == 204
+    assert path.read_bytes() == data and stored(live, sids[1])[1]  # the other session still has it
+    assert httpx.delete(f"{live.http}/v1/sessions/{sids[1]}", headers=headers).status_code == 204
+    assert not path.exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -1,7 +1,9 @@
-"""State: Alembic builds exactly the models' schema, SQLite runs in WAL mode, seqs are monotonic."""
+"""State: Alembic builds exactly the models' schema, SQLite runs in WAL mode, seqs are monotonic,
+blobs are removed once nothing refers to them."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from sqlalchemy import inspect, text
 
 from state import db as state_db
 from state import store
+from state.attachments import BlobStore, add_attachment, release_blobs
 from state.models import Base
 
 
@@ -125,3 +128,37 @@ def test_wal_checkpoints_run_beside_the_writers_not_in_their_commits(tmp_path: P
 
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1200
+
+
+def test_blobs_go_when_no_attachment_refers_to_them_and_never_while_pinned(engine, tmp_path: Path) -> None:  # noqa: ANN001
+    """A blob is shared by every row with the same bytes (any session, any user, as the file sent
+    or as an image's thumbnail); it is removed only once none refers to it, and never while a
+    request that is about to store a row for it holds a pin."""
+    factory = state_db.make_session_factory(engine)
+    blobs = BlobStore(tmp_path / "blobs")
+    photo, thumb, other = (hashlib.sha256(b).hexdigest() for b in (b"photo", b"thumb", b"other"))
+    for sha, data in ((photo, b"photo"), (thumb, b"thumb"), (other, b"other")):
+        blobs.write(sha, data)
+    with factory.begin() as db:
+        alice = store.get_or_create_user(db, name="alice")
+        bob = store.get_or_create_user(db, name="bob")
+        mine = store.create_session(db, user_id=alice.id)
+        theirs = store.create_session(db, user_id=bob.id)
+        for sess, owner in ((mine, alice), (theirs, bob)):
+            add_attachment(
+                db, user_id=owner.id, session_id=sess.id, sha256=photo, kind="image", mime_type="image/jpeg",
+                size_bytes=5, meta={"display_sha256": photo, "thumbnail_sha256": thumb},
+            )  # fmt: skip
+        mine_id = mine.id
+    with factory.begin() as db:
+        store.delete_session(db, session=store.get_session(db, session_id=mine_id, user_id=alice.id))
+    assert release_blobs(factory, blobs, {photo, thumb, other}) == {other}  # bob's row still refers to two
+    assert blobs.read(photo) == b"photo" and blobs.read(thumb) == b"thumb" and not blobs.path(other).exists()
+
+    with factory.begin() as db:
+        store.delete_session(db, session=store.get_session(db, session_id=theirs.id, user_id=bob.id))
+    with blobs.pinned([photo]):  # an upload of the same photo is between its write and its row
+        assert release_blobs(factory, blobs, {photo, thumb}) == {thumb}
+        assert blobs.read(photo) == b"photo"
+    assert release_blobs(factory, blobs, {photo}) == {photo}
+    assert not any(p.is_file() for p in blobs.root.rglob("*"))
