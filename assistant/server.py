@@ -28,7 +28,7 @@ from assistant.ws import websocket_endpoint
 from skills.base import Skill
 from skills.registry import build_skills
 from state import db as state_db
-from state.attachments import BlobStore
+from state.attachments import BlobStore, sweep_blobs
 from state.checkpoints import WalCheckpointer
 from state import store
 
@@ -57,6 +57,17 @@ def bootstrap_owner(app: FastAPI) -> str | None:
         return store.create_token(db, user=user, label="bootstrap")
 
 
+async def sweep_orphaned_blobs(app: FastAPI) -> None:
+    """At start, beside serving: remove stored files no attachment refers to any more."""
+    try:
+        removed = await asyncio.to_thread(sweep_blobs, app.state.sessions, app.state.blobs)
+    except Exception:  # noqa: BLE001 - a failed sweep leaves files, never loses any
+        log.exception("could not sweep the blob folder")
+        return
+    if removed:
+        log.info("removed %d stored files no attachment refers to", removed)
+
+
 def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) -> FastAPI:
     """Build the app. ``skills`` replaces the registry's skills (tests may pass their own)."""
     engine = state_db.make_engine(settings.database_url, background_checkpoints=True)
@@ -80,11 +91,13 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             url = f"http://{settings.host}:{settings.port}/#token={token}"
             print(f"\n  First start: created user {settings.bootstrap_user!r}. Open {url}\n", flush=True)
         loaders = [asyncio.create_task(s.start()) for s in skill_map.values()]
+        sweep = asyncio.create_task(sweep_orphaned_blobs(app))
         lag_probe = asyncio.create_task(watch_loop_lag(metrics.loop_lag))
         try:
             yield
         finally:
             lag_probe.cancel()
+            sweep.cancel()
             await app.state.dialogue.shutdown()
             for t in loaders:
                 t.cancel()

@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -98,6 +99,24 @@ def release_blobs(sessions: sessionmaker[Session], blobs: BlobStore, shas: Itera
     """Remove the files of ``shas`` no attachment refers to any more; returns those removed."""
     with sessions() as db:
         return blobs.remove_unreferenced(shas, lambda candidates: referenced_blobs(db, candidates))
+
+
+def sweep_blobs(sessions: sessionmaker[Session], blobs: BlobStore, *, stale_s: float = 3600.0) -> int:
+    """Remove every file in the blob folder no attachment refers to: those of sessions deleted
+    before deletes removed them, and writes a crash cut off. Returns how many went."""
+    if not blobs.root.is_dir():
+        return 0
+    shas, removed, now = [], 0, time.time()
+    for path in blobs.root.glob("*/*"):
+        if path.name.startswith(".tmp-"):  # an atomic write that never finished
+            if now - path.stat().st_mtime > stale_s:
+                path.unlink(missing_ok=True)
+                removed += 1
+        elif len(path.name) == 64 and path.parent.name == path.name[:2]:
+            shas.append(path.name)
+    for start in range(0, len(shas), 500):  # within SQLite's bound variables per statement
+        removed += len(release_blobs(sessions, blobs, shas[start : start + 500]))
+    return removed
 
 
 def add_attachment(

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from state import db as state_db
-from state.attachments import blob_refs, session_attachments
+from state.attachments import BlobStore, blob_refs, session_attachments
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.photos import auth, new_session, photo, upload
 
@@ -236,3 +237,20 @@ def test_deleting_a_session_deletes_its_images_unless_another_session_has_the_sa
 
     assert httpx.delete(f"{live.http}/v1/sessions/{kept}", headers=auth(bob)).status_code == 204
     assert not any(p.exists() for p in shared_files)
+
+
+def test_the_server_sweeps_files_no_attachment_refers_to_at_start(tmp_path: Path, tiny_chat_model: Path) -> None:
+    """Files left by sessions deleted before deletes removed them go when the server starts."""
+    settings = make_settings(tmp_path, tiny_chat_model)
+    orphan = BlobStore(settings.data_dir / "blobs").write(hashlib.sha256(b"left").hexdigest(), b"left")
+    srv = start_server(settings, skills={})
+    try:
+        deadline = time.monotonic() + 10
+        while orphan.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not orphan.exists()
+        token = srv.token("alice")
+        att = upload(srv.http, token, new_session(srv.http, token), photo("chelsea")).json()
+        assert httpx.get(srv.http + att["thumbnail_url"], headers=auth(token)).status_code == 200
+    finally:
+        srv.stop()

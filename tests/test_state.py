@@ -4,6 +4,8 @@ blobs are removed once nothing refers to them."""
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from sqlalchemy import inspect, text
 
 from state import db as state_db
 from state import store
-from state.attachments import BlobStore, add_attachment, release_blobs
+from state.attachments import BlobStore, add_attachment, release_blobs, sweep_blobs
 from state.models import Base
 
 
@@ -162,3 +164,28 @@ def test_blobs_go_when_no_attachment_refers_to_them_and_never_while_pinned(engin
         assert blobs.read(photo) == b"photo"
     assert release_blobs(factory, blobs, {photo}) == {photo}
     assert not any(p.is_file() for p in blobs.root.rglob("*"))
+
+
+def test_the_sweep_removes_files_no_row_refers_to_and_stale_partial_writes(engine, tmp_path: Path) -> None:  # noqa: ANN001
+    """What the server runs at start: files of sessions deleted before deletes removed them, and
+    atomic writes a crash cut off, go; referenced files and a write still in progress stay."""
+    factory = state_db.make_session_factory(engine)
+    blobs = BlobStore(tmp_path / "blobs")
+    kept, orphans = blobs.write(hashlib.sha256(b"kept").hexdigest(), b"kept"), [
+        blobs.write(hashlib.sha256(bytes([i])).hexdigest(), bytes([i])) for i in range(3)
+    ]
+    with factory.begin() as db:
+        alice = store.get_or_create_user(db, name="alice")
+        sess = store.create_session(db, user_id=alice.id)
+        add_attachment(
+            db, user_id=alice.id, session_id=sess.id, sha256=kept.name, kind="audio", mime_type="audio/wav",
+            size_bytes=4, meta={},
+        )  # fmt: skip
+    stale, fresh = kept.parent / ".tmp-crashed", kept.parent / ".tmp-writing"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert sweep_blobs(factory, blobs) == 4
+    assert kept.read_bytes() == b"kept" and fresh.exists()
+    assert not stale.exists() and not any(p.exists() for p in orphans)
+    assert sweep_blobs(factory, blobs) == 0
