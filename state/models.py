@@ -9,6 +9,9 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Intege
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
+DEFAULT_TITLE = "New chat"  # until the first turn names the session
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -47,7 +50,7 @@ class ChatSession(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    title: Mapped[str] = mapped_column(String(200), default="New chat")
+    title: Mapped[str] = mapped_column(String(200), default=DEFAULT_TITLE)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Highest seq handed out in this session's event log.

@@ -11,7 +11,7 @@ from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from state.models import Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
+from state.models import DEFAULT_TITLE, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
 
 UNFINISHED = ("received", "queued", "routed", "running")
 
@@ -58,7 +58,7 @@ def revoke_tokens(db: Session, *, user: User) -> int:
 
 
 def create_session(db: Session, *, user_id: str, title: str | None = None) -> ChatSession:
-    sess = ChatSession(user_id=user_id, title=title or "New chat")
+    sess = ChatSession(user_id=user_id, title=title or DEFAULT_TITLE)
     db.add(sess)
     db.flush()
     return sess
@@ -138,8 +138,8 @@ def add_turn(
             user_row.setdefault(key, None)
     conn.execute(insert(_messages_t), [user_row, reply_row])
     values: dict[str, object] = {"updated_at": utcnow()}
-    if session.title == "New chat" and text.strip():
-        values["title"] = " ".join(text.split())[:60]
+    if session.title == DEFAULT_TITLE and text.strip():
+        values["title"] = title_from(text)
     conn.execute(update(_sessions_t).where(_sessions_t.c.id == session.id).values(**values))
     if isinstance(session, ChatSession):
         for key, value in values.items():  # the caller's object agrees with the row, without a flush
@@ -184,6 +184,14 @@ _LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.se
 FINISH_FIELDS = ("status", "text", "finished_at", "error_code", "prompt_tokens", "completion_tokens")
 _FINISH = (
     update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values({k: bindparam(f"v_{k}") for k in FINISH_FIELDS})
+)
+_NAME_UNTITLED = (
+    update(_sessions_t)
+    .where(
+        _sessions_t.c.title == DEFAULT_TITLE,
+        _sessions_t.c.id == select(_messages_t.c.session_id).where(_messages_t.c.id == bindparam("mid")).scalar_subquery(),
+    )
+    .values(title=bindparam("v_title"))
 )
 _SESSION_HEAD = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
     _sessions_t.c.id == bindparam("sid")
@@ -244,9 +252,25 @@ def update_reply_texts(db: Session, *, texts: dict[str, str]) -> None:
 
 def finish_replies(db: Session, *, rows: dict[str, dict[str, object]]) -> None:
     """Store the final columns (``FINISH_FIELDS``, each row has all of them) of many replies in one
-    executemany."""
-    if rows:
-        db.connection().execute(_FINISH, [{"mid": mid, **{f"v_{k}": row[k] for k in FINISH_FIELDS}} for mid, row in rows.items()])
+    executemany. A session still called "New chat" (its first turn had images and no text) is named
+    after its first completed reply, the image's caption."""
+    if not rows:
+        return
+    conn = db.connection()
+    conn.execute(_FINISH, [{"mid": mid, **{f"v_{k}": row[k] for k in FINISH_FIELDS}} for mid, row in rows.items()])
+    named = [
+        {"mid": mid, "v_title": title_from(str(row["text"]), capitalise=True)}
+        for mid, row in rows.items()
+        if row["status"] == "completed" and str(row["text"]).strip()
+    ]
+    if named:
+        conn.execute(_NAME_UNTITLED, named)
+
+
+def title_from(text: str, *, capitalise: bool = False) -> str:
+    """A session title from a message: its words on one line, at most 60 characters."""
+    title = " ".join(text.split())[:60]
+    return title[:1].upper() + title[1:] if capitalise else title
 
 
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Event]:

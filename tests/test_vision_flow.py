@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from state.store import title_from
 from skills.vision_worker import VisionWorker, VisionWorkerOptions
 from tests.conftest import LiveServer, make_settings, start_server, ws_client
 from tests.photos import auth, photo, upload
@@ -119,7 +120,9 @@ async def test_a_conversation_about_two_photos(live: LiveServer) -> None:
         routed, done = await routed_and_done(c, sid, "", skill="caption", attachment_ids=[coffee])
         assert (routed["skill"], routed["attachment_id"], routed["overridden"]) == ("caption", coffee, True)
 
-    history = httpx.get(f"{live.http}/v1/sessions/{sid}/messages", headers=auth(token)).json()["messages"]
+    stored = httpx.get(f"{live.http}/v1/sessions/{sid}/messages", headers=auth(token)).json()
+    assert stored["session"]["title"] == title_from(caption, capitalise=True)  # a photo alone: named by its caption
+    history = stored["messages"]
     replies = [m for m in history if m["role"] == "assistant"]
     assert [m["skill"] for m in replies] == ["caption", "vqa", "vqa", "vqa", "chat", "vqa", "chat", "caption"]
     assert [m["skill_override"] for m in replies] == [None] * 5 + ["vqa", "chat", "caption"]

@@ -284,6 +284,8 @@ const sessionHandlers = {
     // Turns queued behind this one move up.
     for (const t of m.turns.values()) if (t.position && !FINAL.has(t.status)) t.position = Math.max(1, t.position - 1);
     if (ev.session_id === state.openId) for (const t of m.turns.values()) if (t.position) renderTurn(ev.session_id, t);
+    // A chat opened with an image alone is named after the first reply (its caption).
+    if (ev.status === "completed" && state.titles.get(ev.session_id) === "New chat") refreshSoon();
   },
   "audio.started": (ev) => onAudioStarted(ev),
   "audio.cleared": () => {},

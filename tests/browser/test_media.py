@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from state.store import title_from
 from tests.browser.conftest import close_browser, history, launch, open_app, open_session_id, shot, wait_until
 from tests.conftest import LiveServer, make_settings, start_server
 
@@ -101,6 +102,10 @@ def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServe
     msgs = history(live, live.token("erin"), open_session_id(page))["messages"]
     assert msgs[0]["attachment_ids"] and msgs[1]["skill"] == "caption" and msgs[1]["status"] == "completed"
     assert page.locator("[data-testid=assistant-body]").text_content().strip() == msgs[1]["text"].strip()
+    # A chat opened with an image alone is named after its caption, in the sidebar and the header.
+    title = title_from(msgs[1]["text"], capitalise=True)
+    wait_until(lambda: page.locator("#title").inner_text() == title, what="the chat named by its caption")
+    assert page.locator(".session-title[aria-current]").inner_text() == title
     shot(page, "05-image-caption")
     # Re-run the same image as a question about it: the chip offers the vision skills.
     page.locator("[data-testid=route-chip] summary").click()
