@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from skills.cuda_graphs import capture
+from skills.cuda_graphs import StepGraphs
 from skills.fused_decoder import FusedDecoder, fusable
 
 log = logging.getLogger(__name__)
@@ -115,17 +115,6 @@ class Sampling:
     top_p: float = 1.0
 
 
-class _CpuReplay:
-    """A stand-in for a captured CUDA graph where there is none (tests turn ``graphs_on`` on for a
-    CPU engine): a replay runs the step again and leaves its tokens in the captured output."""
-
-    def __init__(self, fn: Callable[[], Any], out: Any) -> None:
-        self._fn, self._out = fn, out
-
-    def replay(self) -> None:
-        self._out.copy_(self._fn())
-
-
 class Step:
     """A launched decode step: its tokens, once the device has them."""
 
@@ -182,9 +171,9 @@ class SlotEngine:
         self._p_in = torch.zeros(pmax, 2 + 2 * tmax, dtype=i64, device=dev)
         self._p_pos = torch.arange(tmax, dtype=i64, device=dev)[None, :].expand(pmax, tmax)
         self.reset()
-        self.graphs_on = cuda_graphs and self.device.startswith("cuda")
-        self._graphs: dict[tuple, tuple[Any, Any]] = {}  # key -> (graph, output tokens)
-        self._pool: Any = None
+        # One graph per (kind, batch, length) bucket; a decode step advances the state it reads.
+        on_gpu = self.device.startswith("cuda")
+        self.graphs = StepGraphs(torch, self.device, "chat", on=cuda_graphs and on_gpu, restore=self._d_in)
         self._probe_logits: list[Any] | None = None
         self.steps = 0
         self.moves = 0  # requests moved to a lower slot (observability)
@@ -239,36 +228,7 @@ class SlotEngine:
 
     def _run(self, key: tuple, fn: Callable[[], Any]) -> Any:
         with self.torch.inference_mode():
-            if not self.graphs_on:
-                return fn()
-            entry = self._graphs.get(key)
-            if entry is None:
-                entry = self._capture(key, fn)
-                if entry is None:
-                    return fn()
-            graph, tokens = entry
-            graph.replay()
-            return tokens
-
-    def _capture(self, key: tuple, fn: Callable[[], Any]) -> tuple[Any, Any] | None:
-        torch = self.torch
-        if not self.device.startswith("cuda"):  # tests: the same warm-up and replay order, on the CPU
-            state = self._d_in.clone()
-            for _ in range(3):  # two warm-ups and the capture, none of which may advance the state
-                tokens = fn()
-                self._d_in.copy_(state)
-            self._graphs[key] = (_CpuReplay(fn, tokens), tokens)
-            return self._graphs[key]
-        try:
-            state = self._d_in.clone()  # a decode step advances it: each warm-up run starts from here
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            graph, tokens = capture(torch, fn, self._pool, after_warmup=lambda: self._d_in.copy_(state))
-        except Exception:  # noqa: BLE001 - a model whose forward cannot be captured still runs eagerly
-            log.exception("could not capture the chat step %s as a CUDA graph; running without graphs", key)
-            self.graphs_on = False
-            return None
-        self._graphs[key] = (graph, tokens)
-        return graph, tokens
+            return self.graphs.run(key, fn)
 
     # ------------------------------------------------------------------ the scheduler's calls
 
@@ -358,7 +318,7 @@ class SlotEngine:
     def warm(self, batch_sizes: list[int] | None = None) -> None:
         """Capture, ahead of the first request, the decode graphs for the smallest context bucket
         and the prefill graphs for one prompt; the rest are captured when first needed."""
-        if not self.graphs_on:
+        if not self.graphs.on:
             return
         for batch in batch_sizes or self.batch_sizes:
             self.decode({batch - 1: (0, 0)})
@@ -373,13 +333,13 @@ class SlotEngine:
         """Return why this engine cannot serve the model, or None. Slot 0 must be free. A fused
         forward that fails the check is dropped, and the model's own decoder is checked instead."""
         if self.fused is not None:
-            graphs = self.graphs_on
+            graphs = self.graphs.on
             try:
                 why = self._check(probe)
             except Exception as exc:  # noqa: BLE001 - a layout the fused forward misreads
                 why = f"{type(exc).__name__}: {exc}"
-            if why is None and graphs and not self.graphs_on:  # the model's decoder may still capture
-                why, self.graphs_on = "its steps did not replay from CUDA graphs as they ran eagerly", True
+            if why is None and graphs and not self.graphs.on:  # the model's decoder may still capture
+                why, self.graphs.on = "its steps did not replay from CUDA graphs as they ran eagerly", True
             if why is None:
                 return None
             log.warning("the fused chat forward failed its check (%s); running the model's own decoder", why)
@@ -403,14 +363,14 @@ class SlotEngine:
         with torch.inference_mode():
             want = self.model(input_ids=torch.tensor([probe], device=self.device)).logits[0, split - 1 :].float()
         saved, self.sampling = self.sampling, Sampling()
-        graphs = self.graphs_on
+        graphs = self.graphs.on
 
         def run() -> list[int]:
             got = [self.prefill([0], [probe[:split]])[0]]
             return got + [self.decode({0: (probe[pos], pos)})[0] for pos in range(split, len(probe))]
 
         try:
-            self.graphs_on, self._probe_logits = False, []
+            self.graphs.on, self._probe_logits = False, []
             eager = run()
             got = torch.stack([rows[0] for rows in self._probe_logits])
             self._probe_logits = None
@@ -418,10 +378,10 @@ class SlotEngine:
             if error > (CHECK_TOLERANCE_FP32 if self.dtype == torch.float32 else CHECK_TOLERANCE_16BIT):
                 return f"its next-token logits differ from the model's own forward by {error:.1e} of their scale"
             if graphs:
-                self.graphs_on = True
+                self.graphs.on = True
                 replayed = run()
                 same = sum(a == b for a, b in zip(replayed, eager))
-                if not self.graphs_on:  # a capture failed (logged)
+                if not self.graphs.on:  # a capture failed (logged)
                     graphs = False
                 elif same < CHECK_AGREEMENT * len(eager):
                     log.warning(
@@ -430,9 +390,9 @@ class SlotEngine:
                     )  # fmt: skip
                     graphs = False
         finally:
-            self.graphs_on, self._probe_logits = graphs, None
+            self.graphs.on, self._probe_logits = graphs, None
             self.sampling = saved
-            self._graphs.clear()
+            self.graphs.clear()
             self.reset()
         return None
 

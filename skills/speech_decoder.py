@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from skills.cuda_graphs import capture
+from skills.cuda_graphs import StepGraphs
 from skills.slot_engine import bucket
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ class StaticWhisperDecoder:
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._first = torch.zeros(1, dtype=torch.bool, device=dev)
         self._columns = torch.arange(self.n_ctx, device=dev)
-        self.graphs_on = cuda_graphs and self.fp16
-        self._graphs: dict[tuple, tuple[Any, Any]] = {}
-        self._pool: Any = None
+        self.graphs = StepGraphs(torch, self.device, "speech", on=cuda_graphs and self.fp16)
 
     # ------------------------------------------------------------------ the captured functions
 
@@ -121,23 +119,6 @@ class StaticWhisperDecoder:
         logits = (x[:, -1] @ decoder.token_embedding.weight.to(x.dtype).T).float()
         return logits.masked_fill(self._suppress | (self._first & self._blank), float("-inf"))
 
-    def _run(self, key: tuple, fn: Any) -> Any:
-        if not self.graphs_on:
-            return fn()
-        entry = self._graphs.get(key)
-        if entry is None:
-            torch = self.torch
-            try:
-                self._pool = self._pool or torch.cuda.graph_pool_handle()
-                graph, out = capture(torch, fn, self._pool)
-            except Exception:  # noqa: BLE001 - a model whose step cannot be captured still runs eagerly
-                log.exception("could not capture the speech step %s as a CUDA graph; running without graphs", key)
-                self.graphs_on = False
-                return fn()
-            entry = self._graphs[key] = (graph, out)
-        entry[0].replay()
-        return entry[1]
-
     # ------------------------------------------------------------------ decoding
 
     def decode(self, mels: Any) -> list[WindowResult]:
@@ -147,7 +128,7 @@ class StaticWhisperDecoder:
         batch = bucket(n, self.batch_sizes)
         with torch.inference_mode():
             self._mel[:n].copy_(mels)
-            audio = self._run(("encode", batch), lambda: self._encode_fn(batch))
+            audio = self.graphs.run(("encode", batch), lambda: self._encode_fn(batch))
             initial = [list(self.initial) for _ in range(n)]
             languages: list[str | None] = [self.language] * n
             if self.language is None:
@@ -166,7 +147,7 @@ class StaticWhisperDecoder:
                 self._tokens[:batch, 0].copy_(torch.tensor(feed, dtype=torch.long))
                 self._pos.fill_(pos)
                 self._first.fill_(pos == prompt - 1)
-                sampled = self._run(("step", batch), lambda: self._step_fn(batch))
+                sampled = self.graphs.run(("step", batch), lambda: self._step_fn(batch))
                 if pos < prompt - 1:
                     continue
                 tokens = sampled[:n].tolist()
@@ -184,7 +165,7 @@ class StaticWhisperDecoder:
 
     def warm(self) -> None:
         """Capture every batch bucket's graphs ahead of the first utterance."""
-        if not self.graphs_on:
+        if not self.graphs.on:
             return
         for batch in self.batch_sizes:
             self.decode(self.torch.zeros(batch, self._mel.shape[1], 3000, device=self.device))
@@ -197,7 +178,7 @@ class StaticWhisperDecoder:
         torch, whisper = self.torch, self.whisper
         probe = min(self.sample_len, PROBE_TOKENS)
         options = whisper.DecodingOptions(language=self.language, without_timestamps=True, sample_len=probe, fp16=self.fp16)
-        graphs, self.graphs_on = self.graphs_on, False
+        graphs, self.graphs.on = self.graphs.on, False
         try:
             with torch.inference_mode():
                 result = whisper.decode(self.model, mel, options)[0]
@@ -226,13 +207,13 @@ class StaticWhisperDecoder:
                 if not bool(torch.equal(torch.isfinite(got), finite)) or err > (2e-2 if self.fp16 else 1e-3):
                     return f"its logits differ from whisper's own decoder by {err:.2e} of their scale"
         finally:
-            self.graphs_on = graphs
+            self.graphs.on = graphs
         if graphs:
-            self.graphs_on = False
+            self.graphs.on = False
             eager = self.decode(mel)[0].tokens
-            self.graphs_on = True
+            self.graphs.on = True
             replayed = self.decode(mel)[0].tokens
-            if self.graphs_on and replayed != eager:
+            if self.graphs.on and replayed != eager:
                 log.warning("speech steps replayed from CUDA graphs disagree with eager steps; running without graphs")
-                self.graphs_on = False
+                self.graphs.on = False
         return None

@@ -76,7 +76,7 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
         manager = worker._manager
         engine = manager.engine
         assert (engine.fused is not None) == fused
-        engine.graphs_on = replay
+        engine.graphs.on = replay
 
         def add(name: str, **kw: object) -> None:
             manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name], streaming=True, **kw)
@@ -105,7 +105,7 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
     assert worker.max_concurrent_requests == 3, "requests did not share the decode steps"
     assert engine.moves > 0, "no request was moved down when the steps could narrow"
     if replay:
-        kinds = {key[0] for key in engine._graphs}
+        kinds = {key[0] for key in engine.graphs.keys()}
         assert kinds == {"decode", "prefill"}, "the steps were not replayed"
 
 
@@ -142,7 +142,7 @@ def test_a_reply_left_alone_in_a_high_slot_moves_down_and_the_steps_narrow(
     worker = load(wide_model, engine="slots", slots=8)
     manager = worker._manager
     engine = manager.engine
-    engine.graphs_on = replay
+    engine.graphs.on = replay
     engine.widths.clear()  # the load check's steps
     order = ["short", "late", "queued", "long", "mid", "long"]  # the last, "alone", takes slot 5
     try:
@@ -371,13 +371,13 @@ def test_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(wide_model
         )
         worker.load()
         try:
-            assert worker._manager.engine.graphs_on is graphs
+            assert worker._manager.engine.graphs.on is graphs
             for name in ("short", "long", "mid", "late"):
                 worker._manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name])
             results: dict = {}
             collect(worker, results, lambda r: len(r) == 4 and all(done for _, done in r.values()))
             if graphs:
-                assert worker._manager.engine._graphs, "no step was replayed from a graph"
+                assert worker._manager.engine.graphs.keys(), "no step was replayed from a graph"
         finally:
             worker.close()
         outputs[graphs] = {name: tokens for name, (tokens, _) in results.items()}
