@@ -285,6 +285,7 @@ class ErrorCode(StrEnum):
     internal_error = "internal_error"
     # attachments (images, audio)
     attachment_not_found = "attachment_not_found"
+    attachment_in_use = "attachment_in_use"
     image_unsupported_type = "image_unsupported_type"
     image_corrupt = "image_corrupt"
     image_too_large = "image_too_large"

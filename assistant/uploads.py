@@ -5,6 +5,7 @@ Images are referenced from turns by the id returned here (``turn.create``'s ``at
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Literal
 
@@ -15,7 +16,15 @@ from sqlalchemy.exc import IntegrityError
 from assistant.auth import User
 from assistant.images import ImageLimits, ImageRejected, check_image
 from state import store
-from state.attachments import BlobStore, add_attachment, get_attachment, release_blobs, session_attachments
+from state.attachments import (
+    BlobStore,
+    add_attachment,
+    attachment_in_use,
+    blob_refs,
+    get_attachment,
+    release_blobs,
+    session_attachments,
+)
 from state.models import Attachment
 
 router = APIRouter(prefix="/v1", tags=["attachments"])
@@ -156,3 +165,21 @@ def read_thumbnail(request: Request, user: User, attachment_id: str) -> Response
     if row.kind != "image" or not thumb:
         raise _error("attachment_not_found", f"attachment {attachment_id!r} has no thumbnail", 404)
     return Response(_blob(request, thumb, attachment_id), media_type="image/jpeg", headers=_CACHE)
+
+
+@router.delete("/attachments/{attachment_id}", status_code=204)
+async def delete_attachment(request: Request, user: User, attachment_id: str) -> Response:
+    """Take back a file uploaded for a turn not sent yet (the web client's tray): its row, and its
+    bytes unless another attachment has the same. One that a turn refers to stays with the chat
+    (409 ``attachment_in_use``; deleting the chat removes it). Runs on the event loop, as turns
+    are created, so a turn cannot pick the attachment up halfway through."""
+    with request.app.state.sessions.begin() as db:
+        row = get_attachment(db, attachment_id=attachment_id, user_id=user.id)
+        if row is None:
+            raise _not_found(attachment_id)
+        if attachment_in_use(db, row):
+            raise _error("attachment_in_use", f"attachment {attachment_id!r} was sent in a turn; delete the chat to remove it", 409)
+        blobs = blob_refs(row)
+        db.delete(row)
+    await asyncio.to_thread(release_blobs, request.app.state.sessions, request.app.state.blobs, blobs)
+    return Response(status_code=204)

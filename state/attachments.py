@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from state.models import Attachment
+from state.models import Attachment, Message
 
 
 class BlobStore:
@@ -152,6 +152,15 @@ def get_attachment(db: Session, *, attachment_id: str, user_id: str) -> Attachme
     """The attachment if it exists and belongs to ``user_id``; otherwise None."""
     row = db.get(Attachment, attachment_id)
     return row if row is not None and row.user_id == user_id else None
+
+
+def attachment_in_use(db: Session, row: Attachment) -> bool:
+    """Whether a turn refers to the attachment: a message's ``attachment_ids`` (the user's turn, or the
+    reply of the vision skill that looked at it), or the spoken turn a recording became."""
+    if (row.meta or {}).get("turn_id"):
+        return True
+    lists = db.scalars(select(Message.attachment_ids).where(Message.session_id == row.session_id))
+    return any(row.id in (ids or ()) for ids in lists)
 
 
 def session_attachments(db: Session, *, session_id: str, kind: str | None = None) -> Sequence[Attachment]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 
 from state import db as state_db
 from state.attachments import BlobStore, blob_refs, session_attachments
-from tests.conftest import LiveServer, make_settings, start_server
+from tests.conftest import LiveServer, make_settings, start_server, ws_client
 from tests.photos import auth, new_session, photo, upload
 
 MAX_BYTES = 1_000_000
@@ -254,3 +255,33 @@ def test_the_server_sweeps_files_no_attachment_refers_to_at_start(tmp_path: Path
         assert httpx.get(srv.http + att["thumbnail_url"], headers=auth(token)).status_code == 200
     finally:
         srv.stop()
+
+
+def test_an_unsent_image_can_be_taken_back_but_a_sent_one_stays_with_its_chat(live: LiveServer, alice: str) -> None:
+    """The web client's tray: an image removed before sending is deleted, its files too; one a turn
+    refers to is refused with 409 attachment_in_use and still served; another user gets 404."""
+    sid = new_session(live.http, alice)
+    unsent = upload(live.http, alice, sid, photo("astronaut", "JPEG", quality=73)).json()
+    sent = upload(live.http, alice, sid, photo("chelsea", "JPEG", quality=73)).json()
+    with state_db.make_session_factory(live.app.state.engine)() as db:  # type: ignore[attr-defined]
+        rows = {a.id: a for a in session_attachments(db, session_id=sid)}
+        files = [live.app.state.blobs.path(s) for s in blob_refs(rows[unsent["id"]])]  # type: ignore[attr-defined]
+
+    async def send_turn() -> dict:
+        async with ws_client(live, alice) as c:
+            return (await c.turn(sid, "", attachment_ids=[sent["id"]]))[1]
+
+    asyncio.run(send_turn())  # whatever the reply (this server has no vision models), the turn holds it
+
+    def delete(token: str, att: dict) -> httpx.Response:
+        return httpx.delete(f"{live.http}/v1/attachments/{att['id']}", headers=auth(token))
+
+    assert delete(live.token("bob"), unsent).json()["detail"]["code"] == "attachment_not_found"
+    r = delete(alice, sent)
+    assert r.status_code == 409 and r.json()["detail"]["code"] == "attachment_in_use", r.text
+    assert httpx.get(live.http + sent["url"], headers=auth(alice)).status_code == 200
+    assert all(p.is_file() for p in files)
+    assert delete(alice, unsent).status_code == 204
+    assert not any(p.exists() for p in files)
+    assert httpx.get(live.http + unsent["url"], headers=auth(alice)).status_code == 404
+    assert delete(alice, unsent).status_code == 404

@@ -541,6 +541,7 @@ async function addImages(files) {
       attachmentInfo.set(info.id, info);
       thumbUrls.set(info.id, Promise.resolve(item.localUrl));
       Object.assign(item, { id: info.id, uploading: false });
+      if (!state.tray.includes(item)) takeBack(item); // removed while it uploaded
     } catch (e) {
       state.tray = state.tray.filter((x) => x !== item);
       notify(`Could not attach ${item.name}: ${e.message}`);
@@ -550,6 +551,13 @@ async function addImages(files) {
   el.composer.focus();
 }
 
+// An image removed from the tray is deleted on the server too, unless the tray still holds the same
+// bytes (same id) or a turn already sent it (409 attachment_in_use: it stays with the chat).
+function takeBack(item) {
+  if (!item.id || state.tray.some((x) => x.id === item.id)) return;
+  api(`/v1/attachments/${encodeURIComponent(item.id)}`, { method: "DELETE" }).catch(() => {});
+}
+
 function renderTray() {
   el.tray.hidden = !state.tray.length;
   el.tray.replaceChildren(...state.tray.map((item) => {
@@ -557,7 +565,11 @@ function renderTray() {
     const img = make("img", "", null, fig);
     img.src = item.localUrl;
     img.alt = item.name;
-    const rm = button("remove", "×", () => { state.tray = state.tray.filter((x) => x !== item); renderTray(); }, `Remove ${item.name}`);
+    const rm = button("remove", "×", () => {
+      state.tray = state.tray.filter((x) => x !== item);
+      renderTray();
+      takeBack(item);
+    }, `Remove ${item.name}`);
     fig.append(rm);
     return fig;
   }));

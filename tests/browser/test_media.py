@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from state import db as state_db
+from state.attachments import session_attachments
 from state.store import title_from
 from tests.browser.conftest import close_browser, history, launch, open_app, open_session_id, shot, wait_until
 from tests.conftest import LiveServer, make_settings, start_server
@@ -118,6 +120,26 @@ def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServe
     thumb = page.locator("[data-testid=user-message] [data-testid=thumbnail] img")
     thumb.wait_for()
     wait_until(lambda: thumb.evaluate("(i) => i.complete && i.naturalWidth > 0"), what="thumbnail after reload")
+
+
+def test_an_image_removed_from_the_tray_is_deleted_on_the_server(page, live: LiveServer) -> None:  # noqa: ANN001
+    attach = page.locator("[data-testid=attach]")
+    wait_until(lambda: attach.is_enabled(), what="the image button to be enabled")
+    page.locator("[data-testid=file-input]").set_input_files(
+        files=[{"name": "dot.png", "mimeType": "image/png", "buffer": png_bytes()}]
+    )
+    tray = page.locator("[data-testid=tray-item]")
+    tray.wait_for()
+    wait_until(lambda: "uploading" not in (tray.get_attribute("class") or ""), what="upload")
+
+    def stored() -> list[str]:
+        with state_db.make_session_factory(live.app.state.engine)() as db:  # type: ignore[attr-defined]
+            return [a.id for a in session_attachments(db, session_id=open_session_id(page))]
+
+    assert len(stored()) == 1
+    tray.locator("button.remove").click()
+    assert tray.count() == 0
+    wait_until(lambda: stored() == [], what="the attachment deleted on the server")
 
 
 @pytest.mark.skipif(not HAS_SPEECH, reason="the server does not handle audio.start yet")
