@@ -85,8 +85,8 @@ def png_bytes() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.skipif(not HAS_UPLOADS or build_tiny_blip is None, reason="the server has no image upload route yet")
-def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServer) -> None:  # noqa: ANN001
+def attach_png(page):  # noqa: ANN001, ANN201
+    """Pick a PNG with the image button; returns the tray item once it has uploaded."""
     attach = page.locator("[data-testid=attach]")
     wait_until(lambda: attach.is_enabled(), what="the image button to be enabled")
     page.locator("[data-testid=file-input]").set_input_files(
@@ -95,6 +95,12 @@ def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServe
     tray = page.locator("[data-testid=tray-item]")
     tray.wait_for()
     wait_until(lambda: "uploading" not in (tray.get_attribute("class") or ""), what="upload")
+    return tray
+
+
+@pytest.mark.skipif(not HAS_UPLOADS or build_tiny_blip is None, reason="the server has no image upload route yet")
+def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServer) -> None:  # noqa: ANN001
+    tray = attach_png(page)
     page.locator("[data-testid=send]").click()  # no text: the image alone asks for a caption
     page.wait_for_selector("[data-testid=assistant-message][aria-busy=false]", timeout=60_000)
     thumb = page.locator("[data-testid=user-message] [data-testid=thumbnail] img")
@@ -123,14 +129,7 @@ def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServe
 
 
 def test_an_image_removed_from_the_tray_is_deleted_on_the_server(page, live: LiveServer) -> None:  # noqa: ANN001
-    attach = page.locator("[data-testid=attach]")
-    wait_until(lambda: attach.is_enabled(), what="the image button to be enabled")
-    page.locator("[data-testid=file-input]").set_input_files(
-        files=[{"name": "dot.png", "mimeType": "image/png", "buffer": png_bytes()}]
-    )
-    tray = page.locator("[data-testid=tray-item]")
-    tray.wait_for()
-    wait_until(lambda: "uploading" not in (tray.get_attribute("class") or ""), what="upload")
+    tray = attach_png(page)
 
     def stored() -> list[str]:
         with state_db.make_session_factory(live.app.state.engine)() as db:  # type: ignore[attr-defined]
