@@ -3,7 +3,6 @@ and a session, referenced from turns by id. Never inline in history."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import threading
@@ -76,21 +75,20 @@ class BlobStore:
         return gone
 
 
+DERIVED_BLOBS = ("display_sha256", "thumbnail_sha256")  # an image's meta: the oriented copy served, the thumbnail
+
+
 def blob_refs(row: Attachment) -> set[str]:
-    """Every blob an attachment row refers to: the file as sent, and for images the oriented copy
-    served and the thumbnail."""
+    """Every blob an attachment row refers to: the file as sent, and those derived from it."""
     meta = row.meta or {}
-    return {row.sha256} | {meta[k] for k in ("display_sha256", "thumbnail_sha256") if meta.get(k)}
+    return {row.sha256} | {meta[k] for k in DERIVED_BLOBS if meta.get(k)}
 
 
 def referenced_blobs(db: Session, shas: set[str]) -> set[str]:
     """Which of ``shas`` some attachment row (any session, any user) still refers to."""
-    display = func.json_extract(Attachment.meta, "$.display_sha256")
-    thumbnail = func.json_extract(Attachment.meta, "$.thumbnail_sha256")
+    derived = [func.json_extract(Attachment.meta, f"$.{key}") for key in DERIVED_BLOBS]
     rows = db.execute(
-        select(Attachment.sha256, display, thumbnail).where(
-            or_(Attachment.sha256.in_(shas), display.in_(shas), thumbnail.in_(shas))
-        )
+        select(Attachment.sha256, *derived).where(or_(Attachment.sha256.in_(shas), *(d.in_(shas) for d in derived)))
     )
     return {sha for row in rows for sha in row if sha in shas}
 
