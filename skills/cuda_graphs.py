@@ -88,4 +88,7 @@ class StepGraphs:
         return list(self._graphs)
 
     def clear(self) -> None:
+        """Drop the captured graphs and their memory pool. Torch frees a pool once no graph uses it, and
+        refuses a capture into a released pool's handle, so later captures take a fresh pool."""
         self._graphs.clear()
+        self._pool = None
