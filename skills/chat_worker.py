@@ -154,6 +154,7 @@ class ChatWorker:
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             slots = max(1, min(GPU_MAX_SLOTS, int(free * GPU_SLOT_MEMORY_SHARE) // slot_bytes(model, max_len)))
         engine = None
+        prefill_budget = GPU_MAX_PREFILL_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS
         try:
             engine = SlotEngine(
                 model, slots=slots or CPU_SLOTS, max_len=max_len,
@@ -162,7 +163,7 @@ class ChatWorker:
             )
             why = engine.check(tokenizer(PROBE_TEXT)["input_ids"][:32])
             if why is None:
-                engine.warm()
+                engine.warm(prefill_budget)
         except Exception as exc:  # noqa: BLE001 - a model the engine cannot drive at all
             log.warning("the slot engine failed on chat model %s", opts.model, exc_info=True)
             why = f"{type(exc).__name__}: {exc}"
@@ -176,9 +177,7 @@ class ChatWorker:
             if on_gpu:
                 torch.cuda.empty_cache()  # the library sizes its cache from the memory left free
             return None
-        scheduler = SlotScheduler(
-            engine, max_prefill_tokens=GPU_MAX_PREFILL_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS, on_step=self._count_step
-        )
+        scheduler = SlotScheduler(engine, max_prefill_tokens=prefill_budget, on_step=self._count_step)
         scheduler.start()
         self.engine = "slots"
         return scheduler

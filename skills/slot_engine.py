@@ -25,6 +25,7 @@ that check and the caller keeps the library's engine. Torch is imported only by 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BATCH = (1, 2, 4, 8)
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
-WARM_PROMPT_LENGTH = 512  # prefill graphs captured at load, for one prompt up to this length
 CHECK_AGREEMENT = 0.75  # share of the probe's tokens graph replay must predict as eager steps did
 CHECK_TOLERANCE_FP32 = 1e-3  # largest logit difference from the model's own forward, of the logits' scale
 CHECK_TOLERANCE_16BIT = 0.15  # bf16 SmolLM2 on the CPU: 2.9e-2
@@ -315,17 +315,26 @@ class SlotEngine:
         tokens = self.launch(batch, context).tokens()
         return {slot: tokens[slot] for slot in rows}
 
-    def warm(self, batch_sizes: list[int] | None = None) -> None:
-        """Capture, ahead of the first request, the decode graphs for the smallest context bucket
-        and the prefill graphs for one prompt; the rest are captured when first needed."""
+    def warm(self, max_prefill_tokens: int | None = None) -> int:
+        """Capture, ahead of the first request, every step the scheduler can ask for: a decode step
+        for each (batch, context) bucket and a prefill for each (batch, prompt length) bucket it
+        admits (one prompt of any length; groups within ``max_prefill_tokens`` padded). A capture
+        while serving stalls every running reply for a few eager steps; at load it costs start-up
+        time instead. Returns how many graphs were captured."""
         if not self.graphs.on:
-            return
-        for batch in batch_sizes or self.batch_sizes:
-            self.decode({batch - 1: (0, 0)})
-        for length in self.prompt_lengths:
-            if length <= WARM_PROMPT_LENGTH:
-                self.prefill([0], [[0] * length])
+            return 0
+        started, before = time.perf_counter(), len(self.graphs.keys())
+        for context in self.contexts:
+            for batch in self.batch_sizes:
+                self.decode({batch - 1: (0, context - 1)})
+        for batch in self.prefill_sizes:
+            for length in self.prompt_lengths:
+                if batch == 1 or max_prefill_tokens is None or batch * length <= max_prefill_tokens:
+                    self.prefill(list(range(batch)), [[0] * length] * batch)
         self.reset()
+        captured = len(self.graphs.keys()) - before
+        log.info("captured %d chat step graphs in %.1f s", captured, time.perf_counter() - started)
+        return captured
 
     # ------------------------------------------------------------------ the load-time check
 

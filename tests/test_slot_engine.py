@@ -77,6 +77,8 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
         engine = manager.engine
         assert (engine.fused is not None) == fused
         engine.graphs.on = replay
+        warmed = engine.warm(manager.max_prefill_tokens)  # what a GPU load does: every step shape captured
+        assert warmed == (len(engine.graphs.keys()) if replay else 0)
 
         def add(name: str, **kw: object) -> None:
             manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name], streaming=True, **kw)
@@ -107,6 +109,7 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
     if replay:
         kinds = {key[0] for key in engine.graphs.keys()}
         assert kinds == {"decode", "prefill"}, "the steps were not replayed"
+        assert len(engine.graphs.keys()) == warmed, "a step shape was first captured while serving, stalling the replies"
 
 
 def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> None:
