@@ -79,6 +79,21 @@ def test_the_load_check_catches_a_decoder_that_reads_future_columns(tmp_path: Pa
     assert why is not None and "differ" in why
 
 
+def test_the_load_check_refuses_a_model_with_no_finite_logits(tmp_path: Path, clips: list[np.ndarray]) -> None:
+    """A checkpoint whose own decoder overflows on the probe (seen in float16 on a GPU) leaves nothing
+    to compare: the check says so, so the worker falls back to ``whisper.decode`` with that reason."""
+    import torch
+
+    from skills.speech_decoder import StaticWhisperDecoder
+
+    model = load(build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3))
+    with torch.no_grad():
+        model.decoder.ln.weight.fill_(float("inf"))
+    decoder = StaticWhisperDecoder(model, max_batch=2, sample_len=SAMPLE_LEN, language="en", cuda_graphs=False)
+    why = decoder.check(mels(model, clips[:1]))
+    assert why is not None and why.startswith("no finite logits to compare")
+
+
 def test_the_worker_decodes_through_the_static_decoder_when_told(tmp_path: Path, clips: list[np.ndarray]) -> None:
     import whisper
 
@@ -135,3 +150,18 @@ def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path
     assert {key[0] for key in decoder.graphs.keys()} == {"encode", "step"}, "no step was replayed from a graph"
     decoder.graphs.on = False
     assert replayed == [r.tokens for r in decoder.decode(batch)]
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="float16 on a GPU (bench/gpu.sh runs this)")
+@pytest.mark.parametrize("max_tokens", [32, 224], ids=["speech-bench", "server-default"])
+def test_the_bench_whisper_base_passes_the_load_check_in_cuda_float16(tmp_path: Path, max_tokens: int) -> None:
+    """The GPU benchmark's random Whisper-base model gets the static decoder with the benchmark's
+    token budget and the server's default one (the mixed-load server once fell back to whisper.decode)."""
+    from bench.speech_rtf import build_model
+
+    worker = SpeechWorker(SpeechWorkerOptions(model=str(build_model(tmp_path, "base")), device="cuda", language="en",
+                                              max_tokens=max_tokens, engine="static"))  # fmt: skip
+    worker.load()  # a ModelLoadError says why the check refused it
+    try:
+        assert worker.decoder is not None
+    finally:
+        worker.close()
