@@ -219,6 +219,7 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     try:
         ws, tok = srv.ws, srv.token
         asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
+        asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))  # warm-up at full width, as chat_runs does
         before = load.loop_lag(srv.http)
         alone = asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))
         alone["loop_lag"] = load.lag_between(before, before := load.loop_lag(srv.http))
