@@ -49,53 +49,79 @@ def build_prompt(
 
 
 class ChatRun:
-    """One streaming generation; iterate for text deltas."""
+    """One streaming generation; iterate for text deltas.
+
+    Outputs arrive on the event loop (``on_output``) faster than a busy loop wakes the run: they
+    collect in a list, and a waiting run is woken once for all of them (one future per wait, no
+    queue item or timeout per token). A watchdog timer, once a second, fails the run if no output
+    came since its last look and the generation loop is dead."""
 
     def __init__(self, worker: ChatWorker | ChatProcessWorker, request_id: str, prompt_ids: list[int]) -> None:
         self._worker = worker
         self.request_id = request_id
         self.usage = SkillUsage(prompt_tokens=len(prompt_ids))
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
         self._cancelled = False
+        self._dead = False
+        self._outputs = 0  # outputs received, for the watchdog
+        self._timer: asyncio.TimerHandle | None = None
         self._tokens: list[int] = []
         self._text = IncrementalDetokenizer(worker.tokenizer)
 
     def on_output(self, output: Any) -> None:
-        self._queue.put_nowait(output)
+        self._pending.append(output)
+        self._outputs += 1
+        self._wake()
 
     def cancel(self) -> None:
         if not self._cancelled:
             self._cancelled = True
             self._worker.cancel(self.request_id)
-            self._queue.put_nowait(None)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, seen: int) -> None:
+        if seen == self._outputs and not self._worker.is_running():
+            self._timer, self._dead = None, True
+            self._wake()
+        else:
+            self._timer = loop.call_later(_WATCHDOG_SECONDS, self._watch, loop, self._outputs)
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        self._watch(loop, -1)
         finished = False
-        while not finished and not self._cancelled:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=_WATCHDOG_SECONDS)
-            except TimeoutError:
-                if not self._worker.is_running():
-                    raise SkillError("generation_failed", "the chat generation loop stopped") from None
-                continue
-            # Drain what else has arrived: one frame for many tokens when the loop is busy.
-            items = [item]
-            while not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            outs = [out for out in items if out is not None]
-            for out in outs:
-                if out.error:
-                    raise SkillError("generation_failed", f"generation failed: {out.error}")
-                finished = finished or out.is_finished()
-            if outs:  # each output holds every token so far: the last one is enough
+        try:
+            while not finished and not self._cancelled:
+                if not self._pending and not self._dead:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                if self._cancelled:
+                    break
+                if not self._pending:  # woken by the watchdog
+                    raise SkillError("generation_failed", "the chat generation loop stopped")
+                outs, self._pending = self._pending, []  # one frame for every output that arrived meanwhile
+                for out in outs:
+                    if out.error:
+                        raise SkillError("generation_failed", f"generation failed: {out.error}")
+                    finished = finished or out.is_finished()
+                # Each output holds every token so far: the last one is enough.
                 generated = outs[-1].generated_tokens
                 self.usage.completion_tokens = len(generated)
                 self._tokens = generated[:-1] if generated and generated[-1] in self._worker.eos_token_ids else generated
-            if self._cancelled:
-                break
-            delta = self._text.delta(self._tokens, final=finished)
-            if delta:
-                yield delta
+                delta = self._text.delta(self._tokens, final=finished)
+                if delta:
+                    yield delta
+        finally:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 class ChatSkill(ModelSkill):

@@ -11,20 +11,41 @@ windows from the same token cancels what a tokenizer does at a window's start (a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``ids -> text`` without special tokens. For a fast tokenizer whose transformers wrapper adds
+    nothing to the tokenizers library's own decode (its ``_decode`` not overridden, no clean-up of
+    spaces), the library's decode directly: the wrapper's argument checks cost twice the decode."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        TokenizersBackend = None  # noqa: N806
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        TokenizersBackend is not None
+        and isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._decode is TokenizersBackend._decode
+        and not tokenizer.clean_up_tokenization_spaces
+        and backend is not None
+    ):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self._prefix = 0
         self._read = 0
 
     def delta(self, tokens: list[int], final: bool = False) -> str:
         """The text ``tokens`` (all of the reply so far) adds to what earlier calls returned."""
-        decode = self._tokenizer.decode
-        before = decode(tokens[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(tokens[self._prefix :], skip_special_tokens=True)
+        decode = self._decode
+        before = decode(tokens[self._prefix : self._read])
+        after = decode(tokens[self._prefix :])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""  # nothing new, or an incomplete UTF-8 sequence: wait for more tokens
         self._prefix, self._read = self._read, len(tokens)

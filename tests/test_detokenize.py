@@ -57,3 +57,16 @@ def test_each_frame_decodes_a_short_window(tokenizer) -> None:  # noqa: ANN001
     for n in range(1, len(tokens) + 1):
         detok.delta(tokens[:n])
     assert max(calls) <= 4, "a frame decoded more than the last few tokens"
+
+
+def test_the_direct_decode_is_the_tokenizers_decode(tokenizer) -> None:  # noqa: ANN001
+    """The fast path (the tokenizers library's own decode) gives what the transformers wrapper
+    gives, special tokens skipped, on random ids over the whole vocabulary."""
+    from skills.detokenize import text_decoder
+
+    decode = text_decoder(tokenizer)
+    assert decode.__code__ is not text_decoder(object()).__code__, "a plain fast tokenizer should skip the wrapper"
+    rng = random.Random(3)
+    for _ in range(50):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 12))]
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
