@@ -156,13 +156,13 @@ class ChatProcessWorker:
             tokens.extend(new_tokens)
             if finished:
                 del self._handlers[request_id]
-            handler(StreamOutput(request_id, list(tokens), finished, error))
+            handler(StreamOutput(request_id, tokens, finished, error))
         self._apply_stats(stats)
 
     def _fail_all(self, reason: str) -> None:
         handlers, self._handlers = self._handlers, {}
         for request_id, (handler, tokens) in handlers.items():
-            handler(StreamOutput(request_id, list(tokens), True, reason))
+            handler(StreamOutput(request_id, tokens, True, reason))
 
 
 # ---------------------------------------------------------------------- the child process
@@ -230,11 +230,13 @@ def _pump(worker: ChatWorker, conn: Any, send_lock: threading.Lock, stop: thread
         for request_id, out in latest.items():
             done = sent.get(request_id, 0)
             finished = out.is_finished() or out.error is not None
-            items.append((request_id, list(out.generated_tokens[done:]), finished, out.error))
+            since = getattr(out, "tokens_since", None)  # the slot engine's outputs; the library's have none
+            new = since(done) if since is not None else list(out.generated_tokens[done:])
+            items.append((request_id, new, finished, out.error))
             if finished:
                 sent.pop(request_id, None)
             else:
-                sent[request_id] = len(out.generated_tokens)
+                sent[request_id] = done + len(new)
         stats = {
             "steps": worker.steps,
             "max_concurrent": worker.max_concurrent_requests,

@@ -27,14 +27,25 @@ from skills.slot_engine import bucket
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class StreamOutput:
-    """A request's tokens so far (what the chat run reads of transformers' ``GenerationOutput``)."""
+    """A request's tokens so far (what the chat run reads of transformers' ``GenerationOutput``).
 
-    request_id: str
-    generated_tokens: list[int]
-    finished: bool
-    error: str | None = None
+    It reads the first ``len`` tokens of a list its producer keeps appending to (the request's own),
+    so making one per step costs the same for the 500th token as for the first; ``generated_tokens``
+    copies them when read, ``tokens_since`` only the new ones."""
+
+    __slots__ = ("request_id", "_tokens", "_n", "finished", "error")
+
+    def __init__(self, request_id: str, tokens: list[int], finished: bool, error: str | None = None) -> None:
+        self.request_id, self._tokens, self._n = request_id, tokens, len(tokens)
+        self.finished, self.error = finished, error
+
+    @property
+    def generated_tokens(self) -> list[int]:
+        return self._tokens[: self._n]
+
+    def tokens_since(self, start: int) -> list[int]:
+        return self._tokens[start : self._n]
 
     def is_finished(self) -> bool:
         return self.finished
@@ -68,7 +79,8 @@ class SlotScheduler:
         self._lock = threading.Lock()
         self._handlers: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
         self._dropped: set[str] = set()  # handlers dropped ahead of a cancel: their outputs go nowhere
-        self._results: queue.Queue[StreamOutput] = queue.Queue()
+        self._results: queue.Queue[list[StreamOutput]] = queue.Queue()  # one list per step, for get_result
+        self._ready: deque[StreamOutput] = deque()  # taken from _results, not returned yet (one reader)
 
     # ------------------------------------------------------------------ the manager's calls
 
@@ -111,10 +123,12 @@ class SlotScheduler:
         self._handlers.pop(request_id, None)
 
     def get_result(self, timeout: float | None = None) -> StreamOutput | None:
-        try:
-            return self._results.get(timeout=timeout) if timeout else self._results.get_nowait()
-        except queue.Empty:
-            return None
+        if not self._ready:
+            try:
+                self._ready.extend(self._results.get(timeout=timeout) if timeout else self._results.get_nowait())
+            except queue.Empty:
+                return None
+        return self._ready.popleft()
 
     def kv_free_fraction(self) -> float:
         return 1.0 - len(self._running) / self.engine.slots
@@ -250,7 +264,7 @@ class SlotScheduler:
             del self._running[request.slot]
             self._patches[request.slot] = None
             self._forget(request.request_id)
-        outputs.append(StreamOutput(request.request_id, list(request.tokens), done))
+        outputs.append(StreamOutput(request.request_id, request.tokens, done))
 
     def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
         running, self._running = self._running, {}
@@ -261,7 +275,7 @@ class SlotScheduler:
             log.exception("could not reset the chat engine's decode state")
         for request in running.values():
             self._forget(request.request_id)
-            outputs.append(StreamOutput(request.request_id, list(request.tokens), True, error))
+            outputs.append(StreamOutput(request.request_id, request.tokens, True, error))
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -269,15 +283,18 @@ class SlotScheduler:
 
     def _emit(self, outputs: list[StreamOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable, StreamOutput]]] = {}
+        unhandled = []  # for get_result: one queue item per step, not one per request
         for out in outputs:
             entry = self._handlers.get(out.request_id)
             if entry is None:
                 if out.request_id not in self._dropped:
-                    self._results.put(out)
+                    unhandled.append(out)
                 continue
             if out.finished:
                 self._handlers.pop(out.request_id, None)
             by_loop.setdefault(entry[0], []).append((entry[1], out))
+        if unhandled:
+            self._results.put(unhandled)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -202,6 +202,25 @@ def test_a_reply_stops_at_its_end_of_sequence_token(wide_model: Path, reference:
     assert results["r"][0] == want[: stop + 1]
 
 
+def test_each_output_keeps_the_tokens_it_had_when_made(wide_model: Path, reference: dict) -> None:
+    """Outputs read the request's own growing token list (no copy per step): one held until the
+    reply ends still gives exactly the tokens of its step, and the new ones since any point."""
+    worker = load(wide_model, engine="slots")
+    outs = []
+    try:
+        worker._manager.add_request(input_ids=PROMPTS["short"], request_id="r", max_new_tokens=MAX_NEW["short"])
+        deadline = time.monotonic() + 60
+        while not (outs and outs[-1].is_finished()):
+            assert time.monotonic() < deadline
+            if (out := worker._manager.get_result(timeout=0.05)) is not None:
+                outs.append(out)
+    finally:
+        worker.close()
+    want = reference["short"]
+    assert [o.generated_tokens for o in outs] == [want[: i + 1] for i in range(len(want))]
+    assert outs[9].tokens_since(7) == want[7:10] and outs[-1].tokens_since(len(want)) == []
+
+
 def test_sampling_settings_reach_the_engine(wide_model: Path, reference: dict) -> None:
     results: dict = {}
     for name, temperature, top_p in (("nucleus", 1.0, 1e-6), ("hot", 100.0, 1.0)):
