@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skills import chat_process  # noqa: E402
-from skills.slot_engine import BATCH_BUCKETS, PREFILL_BATCH, bucket, doubling_buckets  # noqa: E402
+from skills.slot_engine import (  # noqa: E402
+    BATCH_BUCKETS, MIN_CONTEXT_BUCKET, MIN_PROMPT_BUCKET, PREFILL_BATCH, bucket, doubling_buckets,
+)
 from skills.slot_scheduler import SlotScheduler  # noqa: E402
 
 
@@ -48,8 +50,8 @@ class IdleEngine:
     def __init__(self, slots: int, max_len: int, gpu_s: float) -> None:
         self.slots, self.max_len, self.gpu_s = slots, max_len, gpu_s
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < slots] + [slots]
-        self.contexts = doubling_buckets(256, max_len)
-        self.prompt_lengths = doubling_buckets(16, max_len)
+        self.contexts = doubling_buckets(MIN_CONTEXT_BUCKET, max_len)
+        self.prompt_lengths = doubling_buckets(MIN_PROMPT_BUCKET, max_len)
         self.prefill_sizes = [p for p in PREFILL_BATCH if p <= slots]
         self.steps = 0
         self._free_at = 0.0  # the device runs one step at a time, in launch order
