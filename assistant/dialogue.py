@@ -70,6 +70,24 @@ class _Turn:
 
 
 @dataclass
+class _Admission:
+    """A turn waiting to be admitted, and what came of it: ``turn`` once stored, else ``error``."""
+
+    user_id: str
+    event: p.TurnCreate
+    sub: Subscriber | None
+    input_kind: str
+    on_store: Callable[[Session, str], BaseModel | None] | None
+    done: asyncio.Future | None = None  # submit_turn's
+    received: float = field(default_factory=time.monotonic)
+    busy: bool = False  # the session runs or queues a turn already
+    waiting: int = 0  # turns waiting ahead of it (not counting the running one)
+    turn: _Turn | None = None
+    frames: list[str] = field(default_factory=list)  # its logged events, sent after the commit
+    error: Exception | None = None
+
+
+@dataclass
 class _SessionRunner:
     queue: deque[_Turn] = field(default_factory=deque)
     current: _Turn | None = None
@@ -99,6 +117,7 @@ class DialogueManager:
         self.metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._runners: dict[str, _SessionRunner] = {}
+        self._admissions: list[_Admission] = []  # submitted this turn of the event loop
         self._writer = StreamWriter(sessions, self._fan_out)
         metrics.queued.set_function(lambda: sum(len(r.queue) for r in self._runners.values()))
         metrics.running.set_function(lambda: sum(1 for r in self._runners.values() if r.current is not None))
@@ -126,7 +145,12 @@ class DialogueManager:
     @staticmethod
     def _log_many(db: Session, session_id: str, events: list[BaseModel]) -> list[str]:
         """Log ``events`` in order with the next seqs (one seq update, one insert); returns their frames."""
-        logged = store.append_events(db, events=[(session_id, e.type, p.dump_at_seq(e)) for e in events])  # type: ignore[attr-defined]
+        return DialogueManager._log_many_sessions(db, [(session_id, e) for e in events])
+
+    @staticmethod
+    def _log_many_sessions(db: Session, events: list[tuple[str, BaseModel]]) -> list[str]:
+        """Log (session id, event) pairs in order, each with its session's next seq; returns their frames."""
+        logged = store.append_events(db, events=[(sid, e.type, p.dump_at_seq(e)) for sid, e in events])  # type: ignore[attr-defined]
         return [frame for _, frame in logged]
 
     def _fan_out(self, session_id: str, frame: str) -> None:
@@ -219,105 +243,192 @@ class DialogueManager:
         input_kind: str = "text",
         on_store: Callable[[Session, str], BaseModel | None] | None = None,
     ) -> str:
-        """Store and queue a turn. ``input_kind`` is "speech" for a transcript; ``on_store(db, turn_id)``
-        runs in the turn's transaction (e.g. to store its audio) and may return an event that is
-        logged and sent just before ``turn.created`` (the ``transcript.final`` of a spoken turn)."""
-        text = event.text
-        if len(text) > self.settings.max_text_chars:
-            raise DialogueError(
+        """Store and queue a turn now, in a transaction of its own; returns its id. ``input_kind`` is
+        "speech" for a transcript; ``on_store(db, turn_id)`` runs in the turn's transaction (e.g. to
+        store its audio) and may return an event that is logged and sent just before
+        ``turn.created`` (the ``transcript.final`` of a spoken turn)."""
+        admission = _Admission(user_id, event, sub, input_kind, on_store)
+        self._admit([admission])
+        if admission.error is not None:
+            raise admission.error
+        return admission.turn.turn_id  # type: ignore[union-attr]
+
+    def submit_turn(self, *, user_id: str, event: p.TurnCreate, sub: Subscriber | None) -> asyncio.Future[str]:
+        """Store and queue a turn together with every other turn submitted in the same turn of the
+        event loop (group commit: one transaction, and one read of each kind, for all of them). The
+        future gives the turn's id, or raises its ``DialogueError``; a turn fails alone."""
+        admission = _Admission(user_id, event, sub, "text", None, asyncio.get_running_loop().create_future())
+        self._admissions.append(admission)
+        if len(self._admissions) == 1:
+            asyncio.get_running_loop().call_soon(self._admit_submitted)
+        return admission.done  # type: ignore[return-value]
+
+    def _admit_submitted(self) -> None:
+        batch, self._admissions = self._admissions, []
+        try:
+            self._admit(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug after the commit: fail what is still waiting
+            log.exception("admitting %d turns failed", len(batch))
+            for it in batch:
+                if it.error is None and it.turn is None:
+                    it.error = exc
+        for it in batch:
+            if it.done is None or it.done.done():
+                continue
+            if it.error is not None:
+                it.done.set_exception(it.error)
+            else:
+                it.done.set_result(it.turn.turn_id)  # type: ignore[union-attr]
+
+    def _admit(self, batch: list[_Admission]) -> None:
+        """Store, log and queue ``batch``'s turns in one transaction; each one's ``turn`` or ``error``
+        is set. Should the transaction fail, each turn is tried again alone, so that one bad turn
+        fails only itself."""
+        todo = [it for it in batch if not self._refused(it)]
+        if not todo:
+            return
+        try:
+            with self._db() as db:
+                self._store_turns(db, todo)
+        except Exception as exc:  # rolled back: nothing of it is stored
+            for it in todo:
+                it.turn, it.error = None, None
+                it.frames.clear()
+            if len(todo) == 1:
+                todo[0].error = exc
+                return
+            for it in todo:
+                self._admit([it])
+            return
+        for it in todo:
+            if it.turn is not None:
+                self._queue_turn(it)
+
+    def _refused(self, it: _Admission) -> bool:
+        """Checks that need no database; sets ``it.error``."""
+        event, settings = it.event, self.settings
+        if len(event.text) > settings.max_text_chars:
+            it.error = DialogueError(
                 p.ErrorCode.text_too_long,
-                f"text is {len(text)} characters; the limit is {self.settings.max_text_chars}",
+                f"text is {len(event.text)} characters; the limit is {settings.max_text_chars}",
                 session_id=event.session_id,
             )
-        if not text.strip() and not event.attachment_ids:
-            raise DialogueError(p.ErrorCode.empty_turn, "a turn needs text or an attachment", session_id=event.session_id)
-        if event.skill is not None and event.skill not in self.routable_skills():
-            raise DialogueError(
+        elif not event.text.strip() and not event.attachment_ids:
+            it.error = DialogueError(p.ErrorCode.empty_turn, "a turn needs text or an attachment", session_id=event.session_id)
+        elif event.skill is not None and event.skill not in self.routable_skills():
+            it.error = DialogueError(
                 p.ErrorCode.skill_unknown,
                 f"unknown skill {event.skill!r}; available: {', '.join(sorted(self.routable_skills()))}",
                 session_id=event.session_id,
             )
-        runner = self._runners.get(event.session_id)
-        # Turns ahead of this one: the running one (or the queue's head, about to run) and those waiting.
-        busy = runner is not None and (runner.current is not None or bool(runner.queue))
-        waiting = (len(runner.queue) - (0 if runner.current else 1)) if busy else 0  # type: ignore[union-attr]
-        with self._db() as db:
-            sess = store.session_head(db, session_id=event.session_id, user_id=user_id)
-            if sess is None:
-                raise self._not_found(event.session_id)
+        return it.error is not None
+
+    def _store_turns(self, db: Session, batch: list[_Admission]) -> None:
+        """The transaction of ``_admit``: a turn to an idle session is routed at once (its context read
+        for all of them in one query), one to a busy session is queued behind what it runs."""
+        heads = store.session_heads(db, session_ids={it.event.session_id for it in batch})
+        lines: dict[str, list[int]] = {}  # session -> [turns queued, 1 if one runs], this batch's included
+        admitted: list[tuple[_Admission, _Turn]] = []
+        for it in batch:
+            event = it.event
+            head = heads.get(event.session_id)
+            if head is None or head.user_id != it.user_id:
+                it.error = self._not_found(event.session_id)
+                continue
             unknown, image_ids = (
-                turn_attachments(db, user_id=user_id, session_id=sess.id, ids=event.attachment_ids)
+                turn_attachments(db, user_id=it.user_id, session_id=head.id, ids=event.attachment_ids)
                 if event.attachment_ids
                 else ([], [])
             )
             if unknown:
-                raise DialogueError(
+                it.error = DialogueError(
                     p.ErrorCode.attachment_not_found,
                     f"no attachment {unknown[0]!r} in this session; upload it to the session first",
-                    session_id=sess.id,
+                    session_id=head.id,
                 )
-            if waiting >= self.settings.max_queued_turns:
-                raise DialogueError(
+                continue
+            line = lines.get(head.id)
+            if line is None:
+                runner = self._runners.get(head.id)
+                line = lines[head.id] = [len(runner.queue), int(runner.current is not None)] if runner else [0, 0]
+            # Turns ahead of this one: the running one (or the queue's head, about to run) and those waiting.
+            queued, running = line
+            it.busy = bool(queued or running)
+            it.waiting = queued - (0 if running else 1) if it.busy else 0
+            if it.waiting >= self.settings.max_queued_turns:
+                it.error = DialogueError(
                     p.ErrorCode.turn_queue_full,
-                    f"{waiting} turns are already waiting in this session; wait or cancel one",
-                    session_id=sess.id,
+                    f"{it.waiting} turns are already waiting in this session; wait or cancel one",
+                    session_id=head.id,
                 )
-            turn_id = new_id()
-            status = p.TurnStatus.queued if busy else p.TurnStatus.received
-            turn = _Turn(turn_id, sess.id, "", -1, text, tuple(event.attachment_ids), event.skill)
+                continue
+            line[0] += 1
+            turn = _Turn(new_id(), head.id, "", -1, event.text, tuple(event.attachment_ids), event.skill)
             turn.image_ids = tuple(image_ids)
+            admitted.append((it, turn))
+        if not admitted:
+            return
+        idle = {turn.session_id for it, turn in admitted if not it.busy}
+        contexts = store.contexts(db, session_ids=idle) if idle else {}
+        new_turns = []
+        for it, turn in admitted:
             position, reply = None, None
-            if not busy:
-                # The session is idle, so the turn runs next: route it now, in the same transaction
-                # (one commit and one read of the session per turn; a burst of turns waits on this).
-                msgs = store.context(db, session_id=sess.id)
+            if not it.busy:
+                # The session is idle, so the turn runs next: route it now, in the same transaction.
+                msgs = contexts.get(turn.session_id, [])
                 position = msgs[-1].position + 1 if msgs else 0
-                turn.started = time.monotonic()
+                turn.started = it.received
                 try:
                     turn.routing = self._decide(db, turn, msgs)
                     reply = self._routed_fields(turn.routing[0], cancelled=False)
                 except UnknownSkill:  # a /command naming no skill: _run_turn fails the turn
                     pass
-            turn.reply_id, turn.position = store.add_turn(
-                db,
-                session=sess,
-                turn_id=turn_id,
-                text=text,
-                attachment_ids=list(event.attachment_ids),
-                status=status.value,
-                skill_override=event.skill,
-                input_kind=input_kind,
-                position=position,
-                reply=reply,
+            status = p.TurnStatus.queued if it.busy else p.TurnStatus.received
+            new_turns.append(
+                store.NewTurn(
+                    turn.session_id, turn.turn_id, turn.text, list(turn.attachment_ids), status.value,
+                    it.event.skill, it.input_kind, position, reply,
+                )  # fmt: skip
             )
-            preface = on_store(db, turn_id) if on_store is not None else None
-            created = p.TurnCreated(
-                session_id=sess.id,
-                turn_id=turn_id,
-                text=text,
-                attachment_ids=list(turn.attachment_ids),
-                input=input_kind,
-                event_id=event.event_id,
-            )
+        stored = store.add_turns(db, turns=new_turns, sessions={t.session_id: heads[t.session_id] for _, t in admitted})
+        events: list[tuple[_Admission, BaseModel]] = []
+        for (it, turn), (reply_id, position) in zip(admitted, stored):
+            turn.reply_id, turn.position = reply_id, position
+            preface = it.on_store(db, turn.turn_id) if it.on_store is not None else None
+            if preface is not None:
+                events.append((it, preface))
             # Logged in the turn's own transaction: stored and acknowledged together.
-            events = [e for e in (preface, created) if e is not None]
+            created = p.TurnCreated(
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+                text=turn.text,
+                attachment_ids=list(turn.attachment_ids),
+                input=it.input_kind,
+                event_id=it.event.event_id,
+            )
+            events.append((it, created))
             if turn.routing is not None:
-                events.append(self._routed_event(turn, turn.routing[0]))
-            frames = self._log_many(db, sess.id, events)
-        if sub is not None:
-            self.subscribe(turn.session_id, sub)
-        for frame in frames:
+                events.append((it, self._routed_event(turn, turn.routing[0])))
+            elif it.busy:
+                events.append((it, p.TurnQueued(session_id=turn.session_id, turn_id=turn.turn_id, position=it.waiting + 1)))
+        frames = self._log_many_sessions(db, [(it.event.session_id, event) for it, event in events])
+        for (it, _), frame in zip(events, frames):
+            it.frames.append(frame)
+        for it, turn in admitted:
+            it.turn = turn
+
+    def _queue_turn(self, it: _Admission) -> None:
+        """After the commit: send the turn's events, and queue it in its session's runner."""
+        turn = it.turn
+        assert turn is not None
+        if it.sub is not None:
+            self.subscribe(turn.session_id, it.sub)
+        for frame in it.frames:
             self._fan_out(turn.session_id, frame)
         runner = self._runners.setdefault(turn.session_id, _SessionRunner())
         runner.queue.append(turn)
-        if busy:
-            self._publish(
-                turn.session_id,
-                p.TurnQueued(session_id=turn.session_id, turn_id=turn_id, position=waiting + 1),
-            )
         if runner.task is None or runner.task.done():
             runner.task = asyncio.get_running_loop().create_task(self._drain(turn.session_id, runner))
-        return turn_id
 
     def cancel(self, *, user_id: str, event: p.ResponseCancel) -> None:
         with self._db() as db:

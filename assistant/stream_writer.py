@@ -72,9 +72,9 @@ class StreamWriter:
                 )
                 store.update_reply_texts(db, texts={it.reply_id: it.text for it in batch if it.finished is None})
                 store.finish_replies(db, rows={it.reply_id: it.finished for it in batch if it.finished is not None})
-                for it in batch:
-                    if it.first_token_at is not None:
-                        store.update_reply(db, message_id=it.reply_id, first_token_at=it.first_token_at)
+                store.set_first_token_times(
+                    db, times={it.reply_id: it.first_token_at for it in batch if it.first_token_at is not None}
+                )
         except Exception as exc:  # noqa: BLE001 - each waiting stream fails its own turn
             for it in batch:
                 if not it.done.done():

@@ -101,7 +101,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                         )
                     )
                 continue
-            handle_text(message.get("text") or "", conn, user.id, dialogue, settings.max_frame_bytes)
+            await handle_text(message.get("text") or "", conn, user.id, dialogue, settings.max_frame_bytes)
     except WebSocketDisconnect:
         pass
     finally:
@@ -112,7 +112,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         await asyncio.gather(sender, return_exceptions=True)
 
 
-def handle_text(raw: str, conn: Connection, user_id: str, dialogue: DialogueManager, max_bytes: int) -> None:
+async def handle_text(raw: str, conn: Connection, user_id: str, dialogue: DialogueManager, max_bytes: int) -> None:
+    """Handle one text frame. The connection's next frame waits for this one's turn to be stored
+    (a turn is admitted with every other connection's of the same loop turn, in one transaction),
+    so a client's events take effect in the order it sent them."""
     size = len(raw.encode())
     if size > max_bytes:
         conn.send_event(p.Error(code=p.ErrorCode.frame_too_large, message=f"frame is {size} bytes; the limit is {max_bytes}"))
@@ -123,7 +126,9 @@ def handle_text(raw: str, conn: Connection, user_id: str, dialogue: DialogueMana
         conn.send_event(exc.to_event())
         return
     try:
-        dispatch(event, conn, user_id, dialogue)
+        admitted = dispatch(event, conn, user_id, dialogue)
+        if admitted is not None:
+            await admitted
     except DialogueError as exc:
         conn.send_event(
             p.Error(code=exc.code, message=exc.message, event_id=event.event_id, session_id=exc.session_id, turn_id=exc.turn_id)
@@ -133,7 +138,8 @@ def handle_text(raw: str, conn: Connection, user_id: str, dialogue: DialogueMana
         conn.send_event(p.Error(code=p.ErrorCode.internal_error, message="internal error", event_id=event.event_id))
 
 
-def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: DialogueManager) -> None:
+def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: DialogueManager) -> asyncio.Future | None:
+    """Act on one event; a turn's admission is returned to be awaited."""
     match event:
         case p.SessionCreate():
             dialogue.create_session(user_id=user_id, title=event.title, sub=conn, event_id=event.event_id)
@@ -142,7 +148,7 @@ def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: Dia
                 user_id=user_id, session_id=event.session_id, last_seq=event.last_seq, sub=conn, event_id=event.event_id
             )
         case p.TurnCreate():
-            dialogue.create_turn(user_id=user_id, event=event, sub=conn)
+            return dialogue.submit_turn(user_id=user_id, event=event, sub=conn)
         case p.ResponseCancel():
             dialogue.cancel(user_id=user_id, event=event)
         case p.Ping():
@@ -151,3 +157,4 @@ def dispatch(event: p.ClientEvent, conn: Connection, user_id: str, dialogue: Dia
             conn.audio.handle(event)
         case _:
             raise DialogueError(p.ErrorCode.unknown_event, f"{event.type} is not handled by this server")
+    return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -73,8 +75,15 @@ def get_session(db: Session, *, session_id: str, user_id: str) -> ChatSession | 
 def session_head(db: Session, *, session_id: str, user_id: str) -> Row | None:
     """The session's ``id``, ``user_id`` and ``title`` if it belongs to ``user_id``, else None: one
     prepared Core read, for turn admission."""
-    row = db.connection().execute(_SESSION_HEAD, {"sid": session_id}).first()
+    row = session_heads(db, session_ids=[session_id]).get(session_id)
     return row if row is not None and row.user_id == user_id else None
+
+
+def session_heads(db: Session, *, session_ids: Collection[str]) -> dict[str, Row]:
+    """The ``id``, ``user_id`` and ``title`` of each of these sessions that exists, in one read (the
+    caller checks the owner): a burst of turns is admitted with one read for all its sessions."""
+    rows = db.connection().execute(_SESSION_HEADS, {"sids": list(session_ids)}).all()
+    return {row.id: row for row in rows}
 
 
 def list_sessions(db: Session, *, user_id: str, limit: int = 100, offset: int = 0) -> Sequence[ChatSession]:
@@ -103,48 +112,80 @@ def delete_session(db: Session, *, session: ChatSession) -> None:
 # ----------------------------------------------------------------------------- messages
 
 
-def add_turn(
-    db: Session,
-    *,
-    session: Row | ChatSession,
-    turn_id: str,
-    text: str,
-    attachment_ids: list[str],
-    status: str,
-    skill_override: str | None,
-    input_kind: str = "text",
-    position: int | None = None,
-    reply: dict[str, object] | None = None,
-) -> tuple[str, int]:
-    """Store a user message and its (empty) assistant message, which carries the turn's status.
-    Returns (the reply's id, the user message's position). ``position`` is the next free one when
-    the caller has just read the session's messages (else it is looked up); ``reply`` sets more of
-    the reply's columns (a turn routed as it is admitted). ``session`` is a ``session_head`` row or
-    the ORM object (which is then kept in step with the row). Core statements: a turn is admitted on
-    the event loop, and a burst of them waits on this."""
+@dataclass
+class NewTurn:
+    """A user message and its (empty) assistant message, which carries the turn's status, to store.
+    ``position`` is the user message's, when the caller has just read the session's messages (else
+    the next free one is looked up); ``reply`` sets more of the reply's columns (a turn routed as it
+    is admitted)."""
+
+    session_id: str
+    turn_id: str
+    text: str
+    attachment_ids: list[str]
+    status: str
+    skill_override: str | None
+    input_kind: str = "text"
+    position: int | None = None
+    reply: dict[str, object] | None = None
+
+
+def add_turn(db: Session, *, session: Row | ChatSession, **turn: Any) -> tuple[str, int]:
+    """Store one turn (``NewTurn``'s fields); returns (the reply's id, the user message's position)."""
+    return add_turns(db, turns=[NewTurn(session_id=session.id, **turn)], sessions={session.id: session})[0]
+
+
+def add_turns(db: Session, *, turns: Sequence[NewTurn], sessions: Mapping[str, Row | ChatSession]) -> list[tuple[str, int]]:
+    """Store many turns, in order (several may share a session), with one insert for all their
+    messages and one update for all their sessions; a session still called "New chat" is named after
+    its first turn with text. ``sessions`` holds each session's ``session_head`` row or ORM object
+    (which is then kept in step with the row). Returns (reply id, user message position) per turn.
+    Core statements: turns are admitted on the event loop, and a burst of them waits on this."""
+    if not turns:
+        return []
     conn = db.connection()
-    if position is None:
-        last = conn.execute(_LAST_POSITION, {"sid": session.id}).scalar()
-        position = (last if last is not None else -1) + 1
-    reply_id = new_id()
-    common = {"session_id": session.id, "turn_id": turn_id}  # the other columns take their defaults
-    user_row = {**common, "id": new_id(), "position": position, "role": "user", "text": text, "input": input_kind,
-                "status": "completed", "skill_override": None, "attachment_ids": list(attachment_ids)}  # fmt: skip
-    reply_row = {**common, "id": reply_id, "position": position + 1, "role": "assistant", "text": "", "input": "text",
-                 "status": status, "skill_override": skill_override, "attachment_ids": []}  # fmt: skip
-    if reply:
-        reply_row.update(reply)
-        for key in reply:  # one executemany needs the same keys in each row (these are nullable)
-            user_row.setdefault(key, None)
-    conn.execute(insert(_messages_t), [user_row, reply_row])
-    values: dict[str, object] = {"updated_at": utcnow()}
-    if session.title == DEFAULT_TITLE and text.strip():
-        values["title"] = title_from(text)
-    conn.execute(update(_sessions_t).where(_sessions_t.c.id == session.id).values(**values))
-    if isinstance(session, ChatSession):
-        for key, value in values.items():  # the caller's object agrees with the row, without a flush
-            set_committed_value(session, key, value)
-    return reply_id, position
+    next_position: dict[str, int] = {}
+    unknown = []  # sessions whose first turn here needs the next free position looked up
+    for turn in turns:
+        if turn.session_id not in next_position:
+            next_position[turn.session_id] = -1 if turn.position is None else turn.position
+            if turn.position is None:
+                unknown.append(turn.session_id)
+    if unknown:
+        found = dict(conn.execute(_LAST_POSITIONS, {"sids": unknown}).all())  # type: ignore[arg-type]
+        for sid in unknown:
+            last = found.get(sid)
+            next_position[sid] = (last if last is not None else -1) + 1
+    titles = {sid: sess.title for sid, sess in sessions.items()}
+    named: dict[str, str] = {}
+    rows, out = [], []
+    for turn in turns:
+        position = turn.position if turn.position is not None else next_position[turn.session_id]
+        next_position[turn.session_id] = position + 2
+        reply_id = new_id()
+        common = {"session_id": turn.session_id, "turn_id": turn.turn_id}  # the other columns take their defaults
+        rows.append({**common, "id": new_id(), "position": position, "role": "user", "text": turn.text,
+                     "input": turn.input_kind, "status": "completed", "skill_override": None,
+                     "attachment_ids": list(turn.attachment_ids)})  # fmt: skip
+        rows.append({**common, "id": reply_id, "position": position + 1, "role": "assistant", "text": "",
+                     "input": "text", "status": turn.status, "skill_override": turn.skill_override,
+                     "attachment_ids": [], **(turn.reply or {})})  # fmt: skip
+        if titles[turn.session_id] == DEFAULT_TITLE and turn.text.strip():
+            titles[turn.session_id] = named[turn.session_id] = title_from(turn.text)
+        out.append((reply_id, position))
+    # One executemany needs the same keys in each row (the reply-only ones are nullable).
+    keys = {key for row in rows for key in row}
+    conn.execute(insert(_messages_t), [{key: row.get(key) for key in keys} for row in rows])
+    now = utcnow()
+    conn.execute(_TOUCH, [{"sid": sid, "v_updated": now} for sid in dict.fromkeys(t.session_id for t in turns)])
+    if named:
+        conn.execute(_NAME, [{"sid": sid, "v_title": title} for sid, title in named.items()])
+    for sid, sess in sessions.items():
+        if isinstance(sess, ChatSession):  # the caller's object agrees with the row, without a flush
+            set_committed_value(sess, "updated_at", now)
+            if sid in named:
+                set_committed_value(sess, "title", named[sid])
+    return out
 
 
 def history(db: Session, *, session_id: str) -> Sequence[Row]:
@@ -157,7 +198,15 @@ def context(db: Session, *, session_id: str) -> Sequence[Row]:
     """What the dialogue reads of a session's messages before a turn, in order: ``position``,
     ``turn_id``, ``role``, ``status``, ``text``, ``skill`` and ``attachment_ids`` (fewer columns than
     ``history``: no timestamps to parse on the event loop, where every turn reads this)."""
-    return db.connection().execute(_CONTEXT, {"sid": session_id}).all()
+    return contexts(db, session_ids=[session_id]).get(session_id, [])
+
+
+def contexts(db: Session, *, session_ids: Collection[str]) -> dict[str, list[Row]]:
+    """``context`` of each of these sessions, in one read (a session with no message is absent)."""
+    out: dict[str, list[Row]] = {}
+    for row in db.connection().execute(_CONTEXTS, {"sids": list(session_ids)}):
+        out.setdefault(row.session_id, []).append(row)
+    return out
 
 
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
@@ -180,7 +229,13 @@ _BUMP_SEQ = (
     .values(last_seq=_sessions_t.c.last_seq + bindparam("n"))
     .returning(_sessions_t.c.last_seq)
 )
-_LAST_POSITION = select(func.max(_messages_t.c.position)).where(_messages_t.c.session_id == bindparam("sid"))
+_ADD_SEQ = update(_sessions_t).where(_sessions_t.c.id == bindparam("sid")).values(last_seq=_sessions_t.c.last_seq + bindparam("n"))
+_LAST_SEQS = select(_sessions_t.c.id, _sessions_t.c.last_seq).where(_sessions_t.c.id.in_(bindparam("sids", expanding=True)))
+_LAST_POSITIONS = (
+    select(_messages_t.c.session_id, func.max(_messages_t.c.position))
+    .where(_messages_t.c.session_id.in_(bindparam("sids", expanding=True)))
+    .group_by(_messages_t.c.session_id)
+)
 FINISH_FIELDS = ("status", "text", "finished_at", "error_code", "prompt_tokens", "completion_tokens")
 _FINISH = (
     update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values({k: bindparam(f"v_{k}") for k in FINISH_FIELDS})
@@ -193,14 +248,21 @@ _NAME_UNTITLED = (
     )
     .values(title=bindparam("v_title"))
 )
-_SESSION_HEAD = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
-    _sessions_t.c.id == bindparam("sid")
+_TOUCH = update(_sessions_t).where(_sessions_t.c.id == bindparam("sid")).values(updated_at=bindparam("v_updated"))
+_NAME = (
+    update(_sessions_t)
+    .where(_sessions_t.c.id == bindparam("sid"), _sessions_t.c.title == DEFAULT_TITLE)
+    .values(title=bindparam("v_title"))
 )
-_CONTEXT = (
-    select(*(_messages_t.c[k] for k in ("position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
-    .where(_messages_t.c.session_id == bindparam("sid"))
-    .order_by(_messages_t.c.position)
+_SESSION_HEADS = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
+    _sessions_t.c.id.in_(bindparam("sids", expanding=True))
 )
+_CONTEXTS = (
+    select(*(_messages_t.c[k] for k in ("session_id", "position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
+    .where(_messages_t.c.session_id.in_(bindparam("sids", expanding=True)))
+    .order_by(_messages_t.c.session_id, _messages_t.c.position)
+)
+_SET_FIRST_TOKEN = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(first_token_at=bindparam("v_at"))
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
@@ -222,13 +284,19 @@ def append_events(
     for session_id, _, _ in events:
         counts[session_id] = counts.get(session_id, 0) + 1
     next_seq: dict[str, int] = {}
-    for session_id, n in counts.items():
+    if len(counts) == 1:
+        (session_id, n), = counts.items()
         last = conn.execute(_BUMP_SEQ, {"sid": session_id, "n": n}).scalar()
-        if last is None:
+        lasts = {} if last is None else {session_id: last}
+    else:  # one executemany and one read for all the sessions, not a statement each
+        conn.execute(_ADD_SEQ, [{"sid": sid, "n": n} for sid, n in counts.items()])
+        lasts = dict(conn.execute(_LAST_SEQS, {"sids": list(counts)}).all())  # type: ignore[arg-type]
+    for session_id, n in counts.items():
+        if session_id not in lasts:
             if not skip_missing:
                 raise LookupError(f"session {session_id} does not exist")
             continue
-        next_seq[session_id] = last - n + 1
+        next_seq[session_id] = lasts[session_id] - n + 1
     rows, logged = [], []
     now = utcnow()
     for session_id, event_type, payload_for_seq in events:
@@ -248,6 +316,12 @@ def update_reply_texts(db: Session, *, texts: dict[str, str]) -> None:
     """Set the text of many replies in one executemany."""
     if texts:
         db.connection().execute(_SET_TEXT, [{"mid": mid, "body": text} for mid, text in texts.items()])
+
+
+def set_first_token_times(db: Session, *, times: dict[str, datetime]) -> None:
+    """Set when many replies' first tokens came, in one executemany."""
+    if times:
+        db.connection().execute(_SET_FIRST_TOKEN, [{"mid": mid, "v_at": at} for mid, at in times.items()])
 
 
 def finish_replies(db: Session, *, rows: dict[str, dict[str, object]]) -> None:

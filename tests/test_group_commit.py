@@ -16,7 +16,7 @@ from assistant import protocol as p
 from assistant.stream_writer import StreamWriter
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
-from state.models import Event, Message
+from state.models import ChatSession, Event, Message
 from tests.conftest import LiveServer, make_settings, start_server, ws_client
 
 WORDS = 120
@@ -165,3 +165,112 @@ def test_each_turn_sees_the_whole_answer_of_the_turn_before_it(tmp_path) -> None
     assert four["text"].strip().startswith("[four] saw user:one|") and four["text"].strip().endswith(
         f"user:three|assistant:{three['text'].strip()}"
     )
+
+
+def _manager(tmp_path, skill: ModelFreeSkill):  # noqa: ANN001, ANN202
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    return engine, sessions, DialogueManager(settings=settings, sessions=sessions, skills={"chat": skill}, metrics=Metrics())
+
+
+def test_turns_sent_at_once_are_admitted_in_one_transaction_and_each_fails_alone(tmp_path) -> None:  # noqa: ANN001
+    """Turns submitted in the same turn of the event loop (a burst from many connections) are
+    stored, routed and acknowledged with one commit. Their order and queueing are what one at a time
+    would give: the second turn to a session waits behind the first; a foreign session, an unknown
+    attachment and an empty turn are refused with their own errors, and the others go on."""
+    from sqlalchemy import event as sa_event
+
+    from assistant.dialogue import DialogueError
+
+    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    with sessions.begin() as db:
+        ann, bob = store.get_or_create_user(db, name="ann").id, store.get_or_create_user(db, name="bob").id
+    commits: list[int] = []
+    sa_event.listen(engine, "commit", lambda conn: commits.append(1))
+
+    async def scenario() -> tuple[list[object], list[object]]:
+        a1, a2, a3 = (dm.create_session(user_id=ann, title=None, sub=None, event_id=None) for _ in range(3))
+        b1 = dm.create_session(user_id=bob, title=None, sub=None, event_id=None)
+        commits.clear()
+        burst = [
+            (ann, a1, "first", ()), (ann, a1, "second", ()), (ann, a2, "other session", ()),
+            (ann, b1, "not mine", ()), (ann, a3, "", ("nope",)), (ann, a3, "   ", ()), (bob, b1, "bob's own", ()),
+        ]  # fmt: skip
+        futures = [
+            dm.submit_turn(user_id=u, event=p.TurnCreate(session_id=s, text=t, attachment_ids=list(att)), sub=None)
+            for u, s, t, att in burst
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        admitted_with = len(commits)
+        while dm._runners:  # every admitted turn runs to its end
+            await asyncio.sleep(0.01)
+        return results, [admitted_with, a1, a2, b1, a3]
+
+    results, (admitted_with, a1, a2, b1, a3) = asyncio.run(scenario())
+    assert admitted_with == 1, f"{admitted_with} commits for one burst of turns"
+    first, second, other, foreign, unknown_att, empty, bobs = results
+    assert all(isinstance(r, str) for r in (first, second, other, bobs))
+    assert isinstance(foreign, DialogueError) and foreign.code == p.ErrorCode.session_not_found
+    assert isinstance(unknown_att, DialogueError) and unknown_att.code == p.ErrorCode.attachment_not_found
+    assert isinstance(empty, DialogueError) and empty.code == p.ErrorCode.empty_turn
+    with sessions() as db:
+        log = [(e.type, e.seq) for e in store.events_after(db, session_id=a1, after_seq=1)]
+        types = [t for t, _ in log]
+        # the first is routed as it is admitted; the second waits behind it, then runs
+        assert types[:4] == ["turn.created", "turn.routed", "turn.created", "turn.queued"]
+        assert [s for _, s in log] == list(range(2, 2 + len(log))), "seqs have gaps or are out of order"
+        msgs = store.history(db, session_id=a1)
+        assert [(m.position, m.role, m.text.strip()) for m in msgs] == [
+            (0, "user", "first"), (1, "assistant", "[first] saw nothing"),
+            (2, "user", "second"), (3, "assistant", "[second] saw user:first|assistant:[first] saw nothing"),
+        ]  # fmt: skip
+        assert [m.status for m in msgs if m.role == "assistant"] == ["completed", "completed"]
+        titles = {s.id: s.title for s in (db.get(ChatSession, sid) for sid in (a1, a2, b1, a3))}
+        assert titles == {a1: "first", a2: "other session", b1: "bob's own", a3: "New chat"}
+        assert [m.text for m in store.history(db, session_id=b1)][:1] == ["bob's own"]
+        assert store.history(db, session_id=a3) == []
+
+
+def test_a_turn_that_fails_the_shared_transaction_fails_alone(tmp_path) -> None:  # noqa: ANN001
+    """When storing a burst fails (here a database trigger refuses one turn's row), the burst is
+    rolled back and each turn is admitted again on its own: the bad one gets an error, the others
+    are stored and answered."""
+    from sqlalchemy import text
+
+    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.text = 'poison' "
+                "BEGIN SELECT RAISE(ABORT, 'this row is refused'); END"
+            )
+        )
+    with sessions.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+
+    async def scenario() -> tuple[list[object], list[str]]:
+        sids = [dm.create_session(user_id=ann, title=None, sub=None, event_id=None) for _ in range(3)]
+        futures = [
+            dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text=t), sub=None)
+            for sid, t in zip(sids, ("fine", "poison", "also fine"))
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        while dm._runners:
+            await asyncio.sleep(0.01)
+        return results, sids
+
+    (ok1, bad, ok2), sids = asyncio.run(scenario())
+    assert isinstance(ok1, str) and isinstance(ok2, str)
+    assert "this row is refused" in str(bad)
+    with sessions() as db:
+        assert [m.text for m in store.history(db, session_id=sids[1])] == []
+        assert [e.type for e in store.events_after(db, session_id=sids[1], after_seq=1)] == []
+        for sid, said in ((sids[0], "fine"), (sids[2], "also fine")):
+            msgs = store.history(db, session_id=sid)
+            assert [m.text.strip() for m in msgs] == [said, f"[{said}] saw nothing"]
+            assert msgs[1].status == "completed"
