@@ -13,8 +13,10 @@ through the model's own decoder (``model.get_decoder()``, unchanged):
   token each at its own position; attention reads rows ``[:B, :, :L]`` (L = the context bucket)
   under a mask ``column <= position``. Idle rows in the bucket write to the spare column
   ``max_len``, which no mask ever opens.
-- prefill: up to a few prompts padded to a length bucket; their keys and values are written into
-  their slots and attention runs over the prompt alone (causal). Padding writes to the spare column.
+- prefill: up to 64 prompts (a batch bucket, within the scheduler's padded-token budget) padded to
+  a length bucket; their keys and values are written into their slots and attention runs over the
+  prompt alone (causal). Padding writes to the spare column. A burst of 64 turns of ~120 tokens is
+  one prefill step, not eight groups each followed by a decode step.
 
 Sampling (greedy, or temperature with top-p through the Gumbel-max trick) runs inside the graph,
 so a step moves a few integers each way. ``check`` compares the engine with the model's own forward
@@ -37,7 +39,7 @@ from skills.fused_decoder import FusedDecoder, fusable
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-PREFILL_BATCH = (1, 2, 4, 8)
+PREFILL_BATCH = (1, 2, 4, 8, 16, 32, 64)  # prompts prefilled together (within the token budget)
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
 CHECK_AGREEMENT = 0.75  # share of the probe's tokens graph replay must predict as eager steps did

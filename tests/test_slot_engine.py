@@ -4,6 +4,7 @@ and are cancelled around each other; and a model it does not fit falls back to t
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -124,14 +125,26 @@ def test_a_burst_of_one_token_prompts_is_admitted_whole(wide_model: Path) -> Non
         for rid, p in prompts.items()
     }
     worker = load(wide_model, engine="slots")
+    engine, groups, added = worker._manager.engine, [], threading.Event()
+    prefill = engine.prefill
+
+    def counted(rows: list[int], group: list[list[int]]) -> list[int]:
+        added.wait(10)  # the first group holds the engine until every request is queued
+        groups.append(len(group))
+        return prefill(rows, group)
+
+    engine.prefill = counted
     try:
         for rid, prompt in prompts.items():
             worker._manager.add_request(input_ids=prompt, request_id=rid, max_new_tokens=8)
+        added.set()
         results: dict = {}
         collect(worker, results, lambda r: len(r) == len(prompts) and all(done for _, done in r.values()))
     finally:
         worker.close()
     assert {rid: tokens for rid, (tokens, _) in results.items()} == want
+    # What queued behind the first group is prefilled in one step (16 rows, some of them padding).
+    assert sum(groups) == len(prompts) and len(groups) <= 2 and max(groups) >= len(prompts) - 1, groups
 
 
 @pytest.mark.parametrize("replay", [False, True], ids=["eager", "replayed"])
