@@ -38,6 +38,7 @@ from state.models import ChatSession, new_id, utcnow
 log = logging.getLogger(__name__)
 
 HISTORY_REPLY_STATUSES = ("completed", "cancelled", "interrupted")
+TTFT_STAGES = ("admit", "start", "model", "send")  # see Metrics.ttft_stages
 
 
 class Subscriber(Protocol):
@@ -559,10 +560,12 @@ class DialogueManager:
                     turn.attachment_ids,
                     images=await self._images_for(decision.attachment_id),
                 )
+                marks = [started, time.monotonic()]  # the TTFT stages' bounds (TTFT_STAGES)
                 run = turn.run = await self.skills[decision.skill].run(request)
+                marks.append(time.monotonic())
                 if turn.cancelled:
                     run.cancel()
-                await self._stream(turn, run, decision.skill, started)
+                await self._stream(turn, run, decision.skill, marks)
                 usage = p.Usage(
                     prompt_tokens=run.usage.prompt_tokens,
                     completion_tokens=run.usage.completion_tokens,
@@ -602,9 +605,10 @@ class DialogueManager:
         except FileNotFoundError:
             raise SkillError("attachment_not_found", f"the bytes of image {attachment_id!r} are missing") from None
 
-    async def _stream(self, turn: _Turn, run: SkillRun, skill: str, started: float) -> None:
+    async def _stream(self, turn: _Turn, run: SkillRun, skill: str, marks: list[float]) -> None:
         """Forward deltas as coalesced frames; the reply text in the DB grows with each frame (written
-        by the group-commit ``StreamWriter`` together with every other stream's frames)."""
+        by the group-commit ``StreamWriter`` together with every other stream's frames). ``marks``:
+        the turn's start, its skill's call and its return (``time.monotonic()``)."""
         text, pending, last_flush, first = "", "", 0.0, True
         interval = self.settings.delta_flush_interval
 
@@ -616,13 +620,18 @@ class DialogueManager:
             event = p.ResponseDelta(session_id=turn.session_id, turn_id=turn.turn_id, delta=chunk)
             at, first_token_at = first_token_at, None  # stored with the first frame
             await self._writer.write(event, reply_id=turn.reply_id, text=text, first_token_at=at)
+            if at is not None:
+                marks.append(time.monotonic())
+                for stage, begin, end in zip(TTFT_STAGES, marks, marks[1:]):
+                    self.metrics.ttft_stages.labels(skill, stage).observe(end - begin)
 
         async for delta in run:
             if turn.cancelled:
                 break
             if first:
                 first = False
-                ttft = time.monotonic() - started
+                marks.append(time.monotonic())
+                ttft = marks[-1] - marks[0]
                 turn.ttft_ms = round(ttft * 1000, 2)
                 self.metrics.ttft.labels(skill).observe(ttft)
                 first_token_at = utcnow()

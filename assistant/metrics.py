@@ -21,6 +21,16 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.ttft_stages = Histogram(
+            "assistant_ttft_stage_seconds",
+            "Where a turn's time to its first frame goes: admit (arrival to the skill's call: storing,"
+            " routing, reading its image), start (the skill's call: a chat prompt built and queued),"
+            " model (queued to the first text: the model's queue and prefill), send (first text to"
+            " its frame stored and sent)",
+            ["skill", "stage"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.turn_seconds = Histogram(
             "assistant_turn_duration_seconds", "Turn duration", ["skill"], registry=r
         )

@@ -152,16 +152,36 @@ async def close_all(conns: list) -> None:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
-def loop_lag(http: str) -> dict[str, float]:
-    """Cumulative event-loop lag histogram from the server's /metrics: {upper bound (s): count}."""
+def server_metrics(http: str) -> dict:
+    """What a run is judged by from the server's /metrics (cumulative): the event-loop lag histogram
+    {upper bound (s): count} and, per TTFT stage of chat turns, (seconds summed, count)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, float] = {}
+    lag: dict[str, float] = {}
+    stages: dict[str, list[float]] = {}
     for fam in text_string_to_metric_families(httpx.get(f"{http}/metrics", timeout=30).text):
         if fam.name == "assistant_event_loop_lag_seconds":
             for s in fam.samples:
                 if s.name.endswith("_bucket"):
-                    out[s.labels["le"]] = s.value
+                    lag[s.labels["le"]] = s.value
+        elif fam.name == "assistant_ttft_stage_seconds":
+            for s in fam.samples:
+                if s.labels.get("skill") == "chat" and s.name.endswith(("_sum", "_count")):
+                    stages.setdefault(s.labels["stage"], [0.0, 0.0])[s.name.endswith("_count")] = s.value
+    return {"lag": lag, "stages": stages}
+
+
+def between(before: dict, after: dict) -> dict:
+    """The run between two ``server_metrics`` scrapes: its loop lag (``lag_between``) and the mean
+    milliseconds of each TTFT stage of its chat turns (where their time to first frame went)."""
+    stages = {}
+    for stage, (total, n) in after["stages"].items():
+        total0, n0 = before["stages"].get(stage, (0.0, 0.0))
+        if n > n0:
+            stages[stage] = round((total - total0) * 1e3 / (n - n0), 2)
+    out: dict = {"loop_lag": lag_between(before["lag"], after["lag"])}
+    if stages:
+        out["ttft_stages_ms"] = stages
     return out
 
 

@@ -145,12 +145,13 @@ def chat_runs(srv: ServerProcess, concurrency: list[int], cap_s: float, warm: in
         asyncio.run(load.chat_load(srv.ws, srv.token, n, cap_s=cap_s))
     out = {}
     for n in concurrency:
-        before = load.loop_lag(srv.http)
+        before = load.server_metrics(srv.http)
         stats = asyncio.run(load.chat_load(srv.ws, srv.token, n, cap_s=cap_s))
-        stats["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
+        stats.update(load.between(before, load.server_metrics(srv.http)))
         out[str(n)] = stats
         print(f"  {srv.name:>18} x{n:<4} {stats['tokens_per_s']} tok/s  ttft p50 {stats['ttft_ms']['p50']} ms "
-              f"p95 {stats['ttft_ms']['p95']} ms  tpot p50 {stats['tpot_ms']['p50']} ms", flush=True)
+              f"p95 {stats['ttft_ms']['p95']} ms  tpot p50 {stats['tpot_ms']['p50']} ms  "
+              f"ttft stages (mean ms) {stats.get('ttft_stages_ms')}", flush=True)
     return out
 
 
@@ -158,10 +159,10 @@ def web_process(workdir: Path, sessions: int, words: int, idle: int) -> dict:
     srv = ServerProcess("flood", ["--mode", "flood", "--flood-words", str(words), "--flush-interval", "0"], workdir, free_port())
     try:
         asyncio.run(load.chat_load(srv.ws, srv.token, 2))
-        before, cpu0 = load.loop_lag(srv.http), srv.cpu_s()
+        before, cpu0 = load.server_metrics(srv.http), srv.cpu_s()
         flood = asyncio.run(load.chat_load(srv.ws, srv.token, sessions))
         flood["server_cpu_ms_per_1000_frames"] = round((srv.cpu_s() - cpu0) * 1e6 / max(flood["frames"], 1), 1)
-        flood["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
+        flood.update(load.between(before, load.server_metrics(srv.http)))
 
         async def hold() -> dict:
             rss0 = srv.rss()
@@ -220,13 +221,13 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
         ws, tok = srv.ws, srv.token
         asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
         asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))  # warm-up at full width, as chat_runs does
-        before = load.loop_lag(srv.http)
+        before = load.server_metrics(srv.http)
         alone = asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))
-        alone["loop_lag"] = load.lag_between(before, before := load.loop_lag(srv.http))
+        alone.update(load.between(before, before := load.server_metrics(srv.http)))
         loaded = asyncio.run(load.chat_with_media(
             srv.http, ws, tok, cfg["sessions"], speech_streams=cfg["speech_streams"], vision_streams=cfg["vision_streams"],
             pcm=pcm, image=image))  # fmt: skip
-        loaded["loop_lag"] = load.lag_between(before, load.loop_lag(srv.http))
+        loaded.update(load.between(before, load.server_metrics(srv.http)))
     finally:
         srv.stop()
     ratio = loaded["chat"]["ttft_ms"]["p95"] / alone["ttft_ms"]["p95"]

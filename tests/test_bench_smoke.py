@@ -30,6 +30,9 @@ def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_pat
             assert run["sessions"] == int(n) and run["completed"] == int(n), (name, run)
             assert run["completion_tokens"] == int(n) * tokens, (name, run)
             assert run["ttft_ms"]["p50"] > 0 and run["frames"] >= int(n) and run["loop_lag"]["probes"] > 0
+            # where the server says each turn's time to first frame went (the naive server too)
+            assert set(run["ttft_stages_ms"]) == {"admit", "start", "model", "send"}, (name, run)
+            assert sum(run["ttft_stages_ms"].values()) <= run["ttft_ms"]["max"] + 5, (name, run)
     for variant in ("ours-thread", "ours-process", "ours-thread-library"):
         assert set(result["ratios_vs_naive"][variant]) == {"1", "4"}
     web = result["web_process"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.conftest import LiveServer, ws_client
 
@@ -145,3 +146,34 @@ def test_the_server_declines_websocket_compression(server: LiveServer) -> None:
     assert offered and "permessage-deflate" in offered
     assert accepted is None and extensions == []
     assert pong["type"] == "pong"
+
+
+def test_metrics_say_where_the_time_to_first_token_went(server: LiveServer) -> None:
+    """/metrics splits each chat turn's time to its first frame into stages (admit, start, model,
+    send); the first three add up to the time-to-first-token metric itself."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, str], float]:
+        out = {}
+        for fam in text_string_to_metric_families(httpx.get(f"{server.http}/metrics").text):
+            for s in fam.samples:
+                if s.name.endswith(("_sum", "_count")) and s.labels.get("skill") == "chat":
+                    out[(s.name, s.labels.get("stage", ""))] = s.value
+        return out
+
+    async def go() -> None:
+        async with ws_client(server, server.token("metra")) as c:
+            sid = await c.new_session()
+            for text in ("hello there", "and again"):
+                _, done = await c.turn(sid, text)
+                assert done["status"] == "completed" and done["text"]
+
+    before = scrape()
+    asyncio.run(go())
+    after = scrape()
+    grew = {key: after[key] - before.get(key, 0.0) for key in after}
+    stage = "assistant_ttft_stage_seconds"
+    assert {grew[(f"{stage}_count", s)] for s in ("admit", "start", "model", "send")} == {2.0}
+    assert all(grew[(f"{stage}_sum", s)] > 0 for s in ("admit", "start", "model", "send"))
+    parts = sum(grew[(f"{stage}_sum", s)] for s in ("admit", "start", "model"))
+    assert parts == pytest.approx(grew[("assistant_time_to_first_token_seconds_sum", "")], rel=1e-6)
