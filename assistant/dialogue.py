@@ -141,16 +141,12 @@ class DialogueManager:
     @classmethod
     def _log(cls, db: Session, session_id: str, event: BaseModel) -> str:
         """Log ``event`` with the next seq in ``db``'s transaction; returns the frame to send after commit."""
-        return cls._log_many(db, session_id, [event])[0]
+        return cls._log_many(db, [(session_id, event)])[0]
 
     @staticmethod
-    def _log_many(db: Session, session_id: str, events: list[BaseModel]) -> list[str]:
-        """Log ``events`` in order with the next seqs (one seq update, one insert); returns their frames."""
-        return DialogueManager._log_many_sessions(db, [(session_id, e) for e in events])
-
-    @staticmethod
-    def _log_many_sessions(db: Session, events: list[tuple[str, BaseModel]]) -> list[str]:
-        """Log (session id, event) pairs in order, each with its session's next seq; returns their frames."""
+    def _log_many(db: Session, events: list[tuple[str, BaseModel]]) -> list[str]:
+        """Log (session id, event) pairs in order, each with its session's next seq (one seq update
+        per session, one insert); returns their frames."""
         logged = store.append_events(db, events=[(sid, e.type, p.dump_at_seq(e)) for sid, e in events])  # type: ignore[attr-defined]
         return [frame for _, frame in logged]
 
@@ -391,7 +387,7 @@ class DialogueManager:
                     it.event.skill, it.input_kind, position, reply,
                 )  # fmt: skip
             )
-        stored = store.add_turns(db, turns=new_turns, sessions={t.session_id: heads[t.session_id] for _, t in admitted})
+        stored = store.add_turns(db, turns=new_turns, titles={t.session_id: heads[t.session_id].title for _, t in admitted})
         events: list[tuple[_Admission, BaseModel]] = []
         for (it, turn), (reply_id, position) in zip(admitted, stored):
             turn.reply_id, turn.position = reply_id, position
@@ -412,7 +408,7 @@ class DialogueManager:
                 events.append((it, self._routed_event(turn, turn.routing[0])))
             elif it.busy:
                 events.append((it, p.TurnQueued(session_id=turn.session_id, turn_id=turn.turn_id, position=it.waiting + 1)))
-        frames = self._log_many_sessions(db, [(it.event.session_id, event) for it, event in events])
+        frames = self._log_many(db, [(it.event.session_id, event) for it, event in events])
         for (it, _), frame in zip(events, frames):
             it.frames.append(frame)
         for it, turn in admitted:

@@ -7,11 +7,9 @@ import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from state.models import DEFAULT_TITLE, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
 
@@ -72,16 +70,9 @@ def get_session(db: Session, *, session_id: str, user_id: str) -> ChatSession | 
     return sess if sess is not None and sess.user_id == user_id else None
 
 
-def session_head(db: Session, *, session_id: str, user_id: str) -> Row | None:
-    """The session's ``id``, ``user_id`` and ``title`` if it belongs to ``user_id``, else None: one
-    prepared Core read, for turn admission."""
-    row = session_heads(db, session_ids=[session_id]).get(session_id)
-    return row if row is not None and row.user_id == user_id else None
-
-
 def session_heads(db: Session, *, session_ids: Collection[str]) -> dict[str, Row]:
-    """The ``id``, ``user_id`` and ``title`` of each of these sessions that exists, in one read (the
-    caller checks the owner): a burst of turns is admitted with one read for all its sessions."""
+    """The ``id``, ``user_id`` and ``title`` of each of these sessions that exists, in one prepared
+    Core read (the caller checks the owner): a burst of turns is admitted with one read for all."""
     rows = db.connection().execute(_SESSION_HEADS, {"sids": list(session_ids)}).all()
     return {row.id: row for row in rows}
 
@@ -130,17 +121,12 @@ class NewTurn:
     reply: dict[str, object] | None = None
 
 
-def add_turn(db: Session, *, session: Row | ChatSession, **turn: Any) -> tuple[str, int]:
-    """Store one turn (``NewTurn``'s fields); returns (the reply's id, the user message's position)."""
-    return add_turns(db, turns=[NewTurn(session_id=session.id, **turn)], sessions={session.id: session})[0]
-
-
-def add_turns(db: Session, *, turns: Sequence[NewTurn], sessions: Mapping[str, Row | ChatSession]) -> list[tuple[str, int]]:
+def add_turns(db: Session, *, turns: Sequence[NewTurn], titles: Mapping[str, str]) -> list[tuple[str, int]]:
     """Store many turns, in order (several may share a session), with one insert for all their
     messages and one update for all their sessions; a session still called "New chat" is named after
-    its first turn with text. ``sessions`` holds each session's ``session_head`` row or ORM object
-    (which is then kept in step with the row). Returns (reply id, user message position) per turn.
-    Core statements: turns are admitted on the event loop, and a burst of them waits on this."""
+    its first turn with text. ``titles`` holds each session's title as read. Returns (reply id, user
+    message position) per turn. Core statements: turns are admitted on the event loop, and a burst
+    of them waits on this."""
     if not turns:
         return []
     conn = db.connection()
@@ -156,7 +142,7 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], sessions: Mapping[str, R
         for sid in unknown:
             last = found.get(sid)
             next_position[sid] = (last if last is not None else -1) + 1
-    titles = {sid: sess.title for sid, sess in sessions.items()}
+    titles = dict(titles)
     named: dict[str, str] = {}
     rows, out = [], []
     for turn in turns:
@@ -180,11 +166,6 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], sessions: Mapping[str, R
     conn.execute(_TOUCH, [{"sid": sid, "v_updated": now} for sid in dict.fromkeys(t.session_id for t in turns)])
     if named:
         conn.execute(_NAME, [{"sid": sid, "v_title": title} for sid, title in named.items()])
-    for sid, sess in sessions.items():
-        if isinstance(sess, ChatSession):  # the caller's object agrees with the row, without a flush
-            set_committed_value(sess, "updated_at", now)
-            if sid in named:
-                set_committed_value(sess, "title", named[sid])
     return out
 
 

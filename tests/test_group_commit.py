@@ -78,8 +78,8 @@ def test_a_session_deleted_before_the_commit_fails_only_its_own_frames(tmp_path)
         ids = []
         for _ in range(2):
             sess = store.create_session(db, user_id=user.id)
-            reply_id, _ = store.add_turn(
-                db, session=sess, turn_id=f"t-{sess.id}", text="hi", attachment_ids=[], status="running", skill_override=None
+            [(reply_id, _)] = store.add_turns(
+                db, turns=[store.NewTurn(sess.id, f"t-{sess.id}", "hi", [], "running", None)], titles={sess.id: sess.title}
             )
             ids.append((sess.id, reply_id))
 
