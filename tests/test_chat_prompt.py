@@ -46,3 +46,68 @@ def test_a_single_message_over_the_budget_is_a_clear_error(tokenizer) -> None:  
     with pytest.raises(SkillError) as err:
         build_prompt(tokenizer, system=None, history=[HistoryItem("user", "x" * 500)], budget=100)
     assert err.value.code == "context_too_long" and "ASSISTANT_CHAT_CONTEXT_TOKENS" in err.value.message
+
+
+def _linear(tokenizer, system, history, budget):  # noqa: ANN001, ANN202
+    """The rule, one message at a time: drop the oldest, then any assistant message left first."""
+    head = [{"role": "system", "content": system}] if system else []
+    msgs = [{"role": h.role, "content": h.text} for h in history]
+    dropped = 0
+    while True:
+        ids = list(tokenizer.apply_chat_template(head + msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(msgs) <= 1:
+            return None, None
+        msgs.pop(0)
+        dropped += 1
+        while len(msgs) > 1 and msgs[0]["role"] == "assistant":
+            msgs.pop(0)
+            dropped += 1
+
+
+def test_truncation_keeps_what_dropping_one_message_at_a_time_keeps(tokenizer) -> None:  # noqa: ANN001
+    """Histories of every shape (failed replies leave two user messages in a row; a history may
+    start with an answer) and budgets from too small to ample: the prompt and the count dropped are
+    those of the one-at-a-time rule."""
+    import random
+
+    rng = random.Random(7)
+    cases = 0
+    for _ in range(60):
+        n = rng.randint(1, 14)
+        history = [
+            HistoryItem(rng.choice(("user", "user", "assistant")), " ".join(f"w{rng.randint(0, 99)}" for _ in range(rng.randint(1, 12))))
+            for _ in range(n - 1)
+        ] + [HistoryItem("user", "latest question")]
+        system = rng.choice((None, "be brief"))
+        full = len(_linear(tokenizer, system, history, 10**6)[0])
+        for budget in sorted({rng.randint(10, full + 5) for _ in range(4)} | {full, full - 1}):
+            want_ids, want_dropped = _linear(tokenizer, system, history, budget)
+            if want_ids is None:
+                with pytest.raises(SkillError):
+                    build_prompt(tokenizer, system=system, history=history, budget=budget)
+            else:
+                assert build_prompt(tokenizer, system=system, history=history, budget=budget) == (want_ids, want_dropped)
+            cases += 1
+    assert cases > 200
+
+
+@pytest.mark.parametrize("budget", [300, 120], ids=["templated-whole-first", "searched-from-the-end"])
+def test_a_long_conversation_is_truncated_with_a_few_templates(tokenizer, budget: int) -> None:  # noqa: ANN001
+    """A 201-message history over the budget: the prompt is built from a handful of chat-template
+    calls (this runs on the event loop for every turn), not one per dropped message."""
+
+    class Counting:
+        def __init__(self, inner) -> None:  # noqa: ANN001
+            self.inner, self.calls = inner, 0
+
+        def apply_chat_template(self, messages, **kw):  # noqa: ANN001, ANN003, ANN201
+            self.calls += 1
+            return self.inner.apply_chat_template(messages, **kw)
+
+    history = convo(100)
+    counting = Counting(tokenizer)
+    ids, dropped = build_prompt(counting, system="sys", history=history, budget=budget)
+    assert (ids, dropped) == _linear(tokenizer, "sys", history, budget)
+    assert dropped > 150 and counting.calls <= 12, counting.calls
