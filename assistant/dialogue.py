@@ -45,6 +45,9 @@ class Subscriber(Protocol):
     def deliver(self, frame: str) -> None:
         """Queue one serialised server event; never blocks."""
 
+    def replay(self, frames: list[str]) -> None:
+        """Queue a session's logged events (``resume``), however many; never blocks."""
+
 
 class DialogueError(Exception):
     def __init__(self, code: p.ErrorCode, message: str, *, session_id: str | None = None, turn_id: str | None = None):
@@ -196,8 +199,8 @@ class DialogueManager:
             sess = self._owned(db, user_id, session_id)
             missed = store.events_after(db, session_id=session_id, after_seq=last_seq)
             current = sess.last_seq
-        for ev in missed:
-            sub.deliver(ev.payload)
+        if missed:
+            sub.replay([ev.payload for ev in missed])
         self.subscribe(session_id, sub)
         sub.deliver(
             p.dump_event(

@@ -25,14 +25,22 @@ class Connection:
 
     def __init__(self, ws: WebSocket, max_queue: int, metrics) -> None:  # noqa: ANN001
         self.ws = ws
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=max_queue)
+        self.queue: asyncio.Queue[str | list[str] | None] = asyncio.Queue(maxsize=max_queue)
         self.metrics = metrics
         self.overflowed = False
         self.audio: AudioStream | None = None  # set once the user is known
 
     def deliver(self, frame: str) -> None:
+        self._put(frame)
+
+    def replay(self, frames: list[str]) -> None:
+        """Queue a session's logged frames as one item: a long conversation opened from seq 0 holds
+        more frames than the live-event limit, and is no sign of a slow client."""
+        self._put(frames)
+
+    def _put(self, item: str | list[str]) -> None:
         try:
-            self.queue.put_nowait(frame)
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
             if not self.overflowed:
                 self.overflowed = True
@@ -46,12 +54,13 @@ class Connection:
 
     async def sender(self) -> None:
         while True:
-            frame = await self.queue.get()
-            if frame is None:
+            item = await self.queue.get()
+            if item is None:
                 return
             # Coalesce nothing at this level: each event is one frame, written as soon as possible.
-            await self.ws.send_text(frame)
-            self.metrics.frames.inc()
+            for frame in [item] if isinstance(item, str) else item:
+                await self.ws.send_text(frame)
+                self.metrics.frames.inc()
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:

@@ -244,6 +244,11 @@ _CONTEXTS = (
     .order_by(_messages_t.c.session_id, _messages_t.c.position)
 )
 _SET_FIRST_TOKEN = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(first_token_at=bindparam("v_at"))
+_EVENTS_AFTER = (
+    select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)
+    .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"))
+    .order_by(_events_t.c.seq)
+)
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
@@ -328,9 +333,11 @@ def title_from(text: str, *, capitalise: bool = False) -> str:
     return title[:1].upper() + title[1:] if capitalise else title
 
 
-def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Event]:
-    stmt = select(Event).where(Event.session_id == session_id, Event.seq > after_seq).order_by(Event.seq)
-    return db.scalars(stmt).all()
+def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Row]:
+    """The session's logged events after ``after_seq``, in order, as rows of ``seq``, ``type`` and
+    ``payload``: a prepared Core read, since a client that resumes an old conversation from 0 has
+    every frame of it replayed while the event loop waits (a 100-turn session: 4,301 events)."""
+    return db.connection().execute(_EVENTS_AFTER, {"sid": session_id, "after": after_seq}).all()
 
 
 def as_iso(value: datetime | None) -> str | None:

@@ -274,3 +274,35 @@ def test_a_turn_that_fails_the_shared_transaction_fails_alone(tmp_path) -> None:
             msgs = store.history(db, session_id=sid)
             assert [m.text.strip() for m in msgs] == [said, f"[{said}] saw nothing"]
             assert msgs[1].status == "completed"
+
+
+def test_opening_a_conversation_longer_than_the_outbound_queue_replays_all_of_it(tmp_path) -> None:  # noqa: ANN001
+    """A client opening an old conversation resumes from seq 0 and is sent its whole event log,
+    which for a long conversation holds more frames than a connection may have queued (the limit
+    that disconnects a client too slow to read its live events). The replay is no such backlog: the
+    client gets every event, in order, then ``session.resumed``, and stays connected."""
+    limit = 200
+    settings = make_settings(tmp_path, tmp_path, load_models=False, max_outbound_queue=limit)
+    live = start_server(settings, skills={"chat": FloodSkill(150)})
+    try:
+
+        async def scenario() -> tuple[int, list[dict], dict, dict]:
+            token = live.token("rhea")
+            async with ws_client(live, token) as c:
+                sid = await c.new_session()
+                for text in ("one", "two", "three"):
+                    await c.turn(sid, text)
+            async with ws_client(live, token) as c:  # another device opens it
+                await c.send(type="session.resume", session_id=sid, last_seq=0)
+                resumed = await c.until_type("session.resumed", timeout=60)
+                replayed = [e for e in c.events if e.get("session_id") == sid and e.get("seq") is not None]
+                pong = await c.until_type("pong", event_id=await c.send(type="ping"))
+            return limit, replayed, resumed, pong
+
+        limit, replayed, resumed, pong = asyncio.run(scenario())
+    finally:
+        live.stop()
+    assert resumed["replayed"] > limit, "the conversation is not longer than the queue"
+    assert [e["seq"] for e in replayed] == list(range(1, resumed["last_seq"] + 1))
+    assert resumed["replayed"] == len(replayed) and pong["type"] == "pong"
+    assert [e["type"] for e in replayed].count("response.done") == 3
