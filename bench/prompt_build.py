@@ -27,18 +27,22 @@ from tests.tiny_models import build_chat_tokenizer  # noqa: E402
 WORDS = "the quick brown fox jumps over the lazy dog and keeps running far away "
 
 
-def one_at_a_time(tokenizer, system: str, history: list[HistoryItem], budget: int) -> tuple[list[int], int]:  # noqa: ANN001
-    """The same rule, one dropped message per template."""
-    msgs = [{"role": "system", "content": system}] + [{"role": h.role, "content": h.text} for h in history]
+def one_at_a_time(tokenizer, system: str | None, history: list[HistoryItem], budget: int) -> tuple[list[int] | None, int | None]:  # noqa: ANN001
+    """The same rule, one dropped message per template: drop the oldest, then any assistant message
+    left first. (None, None) when the last message alone does not fit."""
+    head = [{"role": "system", "content": system}] if system else []
+    msgs = [{"role": h.role, "content": h.text} for h in history]
     dropped = 0
     while True:
-        ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
-        if len(ids) <= budget or len(msgs) <= 2:
+        ids = list(tokenizer.apply_chat_template(head + msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        if len(ids) <= budget:
             return ids, dropped
-        msgs.pop(1)
+        if len(msgs) <= 1:
+            return None, None
+        msgs.pop(0)
         dropped += 1
-        while len(msgs) > 2 and msgs[1]["role"] == "assistant":
-            msgs.pop(1)
+        while len(msgs) > 1 and msgs[0]["role"] == "assistant":
+            msgs.pop(0)
             dropped += 1
 
 

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from skills.base import HistoryItem, SkillError
+from bench.prompt_build import one_at_a_time
 from skills.chat import build_prompt
 
 
@@ -48,24 +49,6 @@ def test_a_single_message_over_the_budget_is_a_clear_error(tokenizer) -> None:  
     assert err.value.code == "context_too_long" and "ASSISTANT_CHAT_CONTEXT_TOKENS" in err.value.message
 
 
-def _linear(tokenizer, system, history, budget):  # noqa: ANN001, ANN202
-    """The rule, one message at a time: drop the oldest, then any assistant message left first."""
-    head = [{"role": "system", "content": system}] if system else []
-    msgs = [{"role": h.role, "content": h.text} for h in history]
-    dropped = 0
-    while True:
-        ids = list(tokenizer.apply_chat_template(head + msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
-        if len(ids) <= budget:
-            return ids, dropped
-        if len(msgs) <= 1:
-            return None, None
-        msgs.pop(0)
-        dropped += 1
-        while len(msgs) > 1 and msgs[0]["role"] == "assistant":
-            msgs.pop(0)
-            dropped += 1
-
-
 def test_truncation_keeps_what_dropping_one_message_at_a_time_keeps(tokenizer) -> None:  # noqa: ANN001
     """Histories of every shape (failed replies leave two user messages in a row; a history may
     start with an answer) and budgets from too small to ample: the prompt and the count dropped are
@@ -81,9 +64,9 @@ def test_truncation_keeps_what_dropping_one_message_at_a_time_keeps(tokenizer) -
             for _ in range(n - 1)
         ] + [HistoryItem("user", "latest question")]
         system = rng.choice((None, "be brief"))
-        full = len(_linear(tokenizer, system, history, 10**6)[0])
+        full = len(one_at_a_time(tokenizer, system, history, 10**6)[0])
         for budget in sorted({rng.randint(10, full + 5) for _ in range(4)} | {full, full - 1}):
-            want_ids, want_dropped = _linear(tokenizer, system, history, budget)
+            want_ids, want_dropped = one_at_a_time(tokenizer, system, history, budget)
             if want_ids is None:
                 with pytest.raises(SkillError):
                     build_prompt(tokenizer, system=system, history=history, budget=budget)
@@ -109,5 +92,5 @@ def test_a_long_conversation_is_truncated_with_a_few_templates(tokenizer, budget
     history = convo(100)
     counting = Counting(tokenizer)
     ids, dropped = build_prompt(counting, system="sys", history=history, budget=budget)
-    assert (ids, dropped) == _linear(tokenizer, "sys", history, budget)
+    assert (ids, dropped) == one_at_a_time(tokenizer, "sys", history, budget)
     assert dropped > 150 and counting.calls <= 12, counting.calls
