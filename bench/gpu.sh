@@ -6,7 +6,8 @@
 # profile: bench/fused_step.py, one graph-replayed decode step through the fused forward and the model's
 #          own decoder, 1 and 64 rows                                            -> OUT/fused_step_gpu.json
 #          bench/profile_chat.py, the slot engine with and without graphs, 1 and 64 sessions -> OUT/profile_slots_gpu.json
-# load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520)            -> OUT/load_gpu.json, .png, log.txt
+# load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520; BENCH_VARIANTS="ours-process ..." runs
+#          only those of the profile's servers besides the naive baseline)      -> OUT/load_gpu.json, .png, log.txt
 # staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/results}}
@@ -29,6 +30,7 @@ for stage in $STAGES; do
              timeout 240 python3 bench/profile_chat.py --sessions 1 64 --engines slots --window-s 1.0 \
                --out "$OUT_DIR/profile_slots_gpu.json" || rc=1 ;;
     load) timeout "${BENCH_TIMEOUT:-520}" python3 bench/run.py --profile gpu --out "$OUT_DIR/load_gpu.json" --logs "$OUT_DIR" \
+            ${BENCH_VARIANTS:+--variants $BENCH_VARIANTS} \
             2>&1 | tee "$OUT_DIR/log.txt" || rc=1 ;;
     staggered) timeout 240 python3 bench/staggered.py --shape qwen2.5-0.5b --sessions 256 --max-new 256 \
                --out "$OUT_DIR/staggered_gpu.json" || rc=1 ;;
