@@ -48,13 +48,27 @@ SENTENCES = [
 ]
 
 
+def random_whisper(dims, seed: int = 0):  # noqa: ANN001, ANN201 - whisper's ModelDimensions and Whisper
+    """``whisper.model.Whisper(dims)`` with every parameter drawn from ``seed``. The library makes the
+    text decoder's positional embedding with ``torch.empty`` and leaves loading to fill it, so a fresh
+    model holds whatever that memory held: NaN or float16-overflowing values on some runs, zeros on
+    others (the GPU run's Whisper-base once gave no finite logit in float16)."""
+    import torch
+    import whisper.model
+
+    torch.manual_seed(seed)
+    model = whisper.model.Whisper(dims)
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0.0, 0.01)
+    return model
+
+
 def build_model(folder: Path, dims_name: str) -> Path:
     import torch
     import whisper.model
 
     dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_vocab=51865, n_text_ctx=448, **DIMS[dims_name])
-    torch.manual_seed(0)
-    model = whisper.model.Whisper(dims)
+    model = random_whisper(dims)
     with torch.no_grad():
         # Zero embeddings for the special tokens (end of text and up): their logits are 0 while the
         # best ordinary token's is positive, so both paths decode exactly the token budget as text.

@@ -31,12 +31,13 @@ def build_tiny_whisper(
     import torch
     import whisper.model
 
+    from bench.speech_rtf import random_whisper
+
     dims = whisper.model.ModelDimensions(
         n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
         n_vocab=51865 if multilingual else 51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = whisper.model.Whisper(dims)
+    model = random_whisper(dims, seed)
     if weight_std is not None:
         from tests.tiny_models import widen_weights
 

@@ -165,3 +165,21 @@ def test_the_bench_whisper_base_passes_the_load_check_in_cuda_float16(tmp_path: 
         assert worker.decoder is not None
     finally:
         worker.close()
+
+
+def test_the_random_test_and_bench_whispers_have_no_uninitialised_weights(tmp_path: Path) -> None:
+    """openai-whisper makes the text decoder's positional embedding with torch.empty: a random model
+    saved as it comes holds whatever that memory held (once no finite float16 logit on the GPU run).
+    The fixtures draw it from their seed, so two builds with one seed load as the same model."""
+    import torch
+    import whisper
+
+    from bench.speech_rtf import build_model
+
+    first = whisper.load_model(str(build_tiny_whisper(tmp_path / "a.pt", seed=5)), device="cpu")
+    again = whisper.load_model(str(build_tiny_whisper(tmp_path / "b.pt", seed=5)), device="cpu")
+    bench = torch.load(build_model(tmp_path, "tiny"), map_location="cpu")["model_state_dict"]
+    for state in (first.state_dict(), bench):
+        assert all(bool(torch.isfinite(t).all()) for t in state.values())
+        assert 0.005 < float(state["decoder.positional_embedding"].std()) < 0.02
+    assert all(torch.equal(t, again.state_dict()[k]) for k, t in first.state_dict().items())
