@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # Where the speech and vision models run, the same choice: "process" (each model in a child
     # process; the worker's batching stays here and waits on a pipe), "thread", or "auto".
     media_worker: Literal["auto", "thread", "process"] = "auto"
+    # Chat first on a shared GPU (skills/chat_first.py): the speech and vision models pause between
+    # steps, briefly, while chat prompts wait for prefill. "auto": on when the chat model is on a GPU.
+    chat_first: Literal["auto", "on", "off"] = "auto"
     # Load models at start-up; tests may turn this off to start with no skill.
     load_models: bool = True
 

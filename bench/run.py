@@ -76,7 +76,7 @@ PROFILES: dict[str, dict] = {
         },
         flood_sessions=64, flood_words=400, idle=1000, media=True,
         mixed=dict(sessions=64, speech_streams=16, vision_streams=16, speech_dims="base", vision_shape="blip-base",
-                   server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP
+                   rounds=3, server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP
     ),
 }
 
@@ -205,7 +205,8 @@ def media_inputs() -> tuple[bytes, bytes]:
 
 def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     """Chat time to first token with and without speech and vision load, on one server that runs all
-    three skills (the same server for both runs)."""
+    three skills (the same server for both runs). With ``rounds`` bursts each way, each side is its
+    median round (by TTFT p95)."""
     from bench.speech_rtf import build_model as build_whisper
     from bench.vision_batching import build_model as build_blip
 
@@ -216,17 +217,18 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     pcm, image = media_inputs()
     args = [*common, "--mode", "ours", "--speech-model", str(speech), "--caption-model", str(caption),
             *cfg.get("server_args", [])]
+    rounds = cfg.get("rounds", 1)
     srv = ServerProcess("mixed", args, workdir, free_port())
     try:
         ws, tok = srv.ws, srv.token
         asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
         asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))  # warm-up at full width, as chat_runs does
         before = load.server_metrics(srv.http)
-        alone = asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))
+        alone = asyncio.run(load.chat_rounds(ws, tok, cfg["sessions"], rounds))
         alone.update(load.between(before, before := load.server_metrics(srv.http)))
         loaded = asyncio.run(load.chat_with_media(
             srv.http, ws, tok, cfg["sessions"], speech_streams=cfg["speech_streams"], vision_streams=cfg["vision_streams"],
-            pcm=pcm, image=image))  # fmt: skip
+            pcm=pcm, image=image, rounds=rounds))  # fmt: skip
         loaded.update(load.between(before, load.server_metrics(srv.http)))
     finally:
         srv.stop()
@@ -279,12 +281,18 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", help="run only these of the profile's configurations (the naive baseline always runs)")
     ap.add_argument("--only", nargs="*", default=["chat", "web", "mixed", "media"], choices=["chat", "web", "mixed", "media"])
     ap.add_argument("--with-media", action="store_true", help="run the speech and vision benchmarks too")
+    ap.add_argument("--chat-first", choices=["auto", "on", "off"], help="the mixed server's ASSISTANT_CHAT_FIRST")
+    ap.add_argument("--mixed-rounds", type=int, help="chat bursts each way in the mixed phase (the median one counts)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--logs", type=Path, help="copy the servers' logs here as servers.log")
     args = ap.parse_args()
     prof = dict(PROFILES[args.profile])
     if args.concurrency:
         prof["concurrency"] = args.concurrency
+    if args.chat_first:
+        prof["mixed"] = {**prof["mixed"], "server_args": [*prof["mixed"].get("server_args", []), "--chat-first", args.chat_first]}
+    if args.mixed_rounds:
+        prof["mixed"] = {**prof["mixed"], "rounds": args.mixed_rounds}
     if args.max_new_tokens:
         prof["max_new_tokens"] = args.max_new_tokens
     if args.variants:

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--flood-words", type=int, default=200)
+    ap.add_argument("--chat-first", choices=["auto", "on", "off"], default="auto", help="speech and vision hold for chat prefill")
     ap.add_argument("--speech-model", default="")
     ap.add_argument("--caption-model", default="")
     ap.add_argument("--vqa-model", default="")
@@ -78,6 +79,7 @@ def main() -> None:
         chat_compile_level=args.compile_level,
         chat_worker=args.worker,
         media_worker=args.media_worker,
+        chat_first=args.chat_first,
         chat_engine=args.engine,
         chat_slots=args.slots,
         delta_flush_interval=args.flush_interval,

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class ChatWorkerOptions:
     slots: int | None = None  # slot engine: requests decoded at once (None: 16 on CPU, up to 256 on GPU)
     context_tokens: int = 2048  # slot engine: prompt budget; a slot holds this plus max_new_tokens
     fused_forward: bool = True  # slot engine: Llama/Qwen2 layers in fewer kernels (skills/fused_decoder.py)
+    # Chat first on a shared GPU (skills/chat_first.py); handed to the model's process when spawned.
+    chat_first: Any = field(default=None, compare=False, repr=False)
 
 
 def _resolve_device(torch: Any, device: str) -> str:
@@ -177,7 +179,10 @@ class ChatWorker:
             if on_gpu:
                 torch.cuda.empty_cache()  # the library sizes its cache from the memory left free
             return None
-        scheduler = SlotScheduler(engine, max_prefill_tokens=prefill_budget, on_step=self._count_step)
+        first = opts.chat_first
+        scheduler = SlotScheduler(
+            engine, max_prefill_tokens=prefill_budget, on_step=self._count_step, on_waiting=first.set if first else None
+        )
         scheduler.start()
         self.engine = "slots"
         return scheduler

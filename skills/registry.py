@@ -9,6 +9,7 @@ from skills.base import Skill
 
 if TYPE_CHECKING:
     from assistant.settings import Settings
+    from skills.chat_first import ChatFirst
 
 
 def in_child_process(choice: str, device: str) -> bool:
@@ -16,9 +17,22 @@ def in_child_process(choice: str, device: str) -> bool:
     GPU (its launch-bound Python would otherwise compete with the event loop for the GIL)."""
     if choice != "auto":
         return choice == "process"
+    return on_nvidia_gpu(device)
+
+
+def on_nvidia_gpu(device: str) -> bool:
+    """Whether a model with this device setting runs on an NVIDIA GPU (``auto``: where one is present)."""
     if device.startswith("cuda"):
         return True
     return device == "auto" and Path("/dev/nvidiactl").exists()
+
+
+def chat_first(settings: Settings) -> ChatFirst | None:
+    """The flag that puts chat prefill ahead of speech and vision steps, where it is on."""
+    from skills.chat_first import ChatFirst
+
+    on = settings.chat_first == "on" or (settings.chat_first == "auto" and on_nvidia_gpu(settings.chat_device))
+    return ChatFirst() if on and settings.load_models else None
 
 
 def build_skills(settings: Settings) -> dict[str, Skill]:
@@ -26,6 +40,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
     from skills.chat import ChatSkill
     from skills.chat_worker import ChatWorkerOptions
 
+    first = chat_first(settings)
     chat = ChatSkill(
         ChatWorkerOptions(
             model=settings.chat_model,
@@ -44,6 +59,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
             slots=settings.chat_slots,
             context_tokens=settings.chat_context_tokens,
             fused_forward=settings.chat_fused_forward,
+            chat_first=first,
         ),
         system_prompt=settings.chat_system_prompt or None,
         context_tokens=settings.chat_context_tokens,
@@ -52,9 +68,9 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
     )
     from skills.speech import build_speech_skill
 
-    speech = build_speech_skill(settings)
+    speech = build_speech_skill(settings, first)
     skills: dict[str, Skill] = {chat.name: chat, speech.name: speech}
     from skills.vision_registry import build_vision_skills
 
-    skills.update(build_vision_skills(settings))
+    skills.update(build_vision_skills(settings, first))
     return skills

@@ -63,10 +63,20 @@ class _Request:
 
 
 class SlotScheduler:
-    def __init__(self, engine: Any, *, max_prefill_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_prefill_tokens: int,
+        on_step: Callable[[int], None] | None = None,
+        on_waiting: Callable[[bool], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
         self._on_step = on_step or (lambda n: None)
+        # Told when prompts start and stop waiting for prefill (skills/chat_first.py).
+        self._on_waiting = on_waiting or (lambda waiting: None)
+        self._told_waiting = False
         self._commands: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -142,12 +152,14 @@ class SlotScheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._apply_commands()
+            self._tell_waiting()
             if not self._waiting and not self._running and self._inflight is None:
                 self._wake.wait()
                 self._wake.clear()
                 continue
             outputs: list[StreamOutput] = []
             self._prefill(outputs)
+            self._tell_waiting()
             self._emit(outputs)  # first tokens go out before the decode step
             outputs = []
             try:
@@ -161,6 +173,15 @@ class SlotScheduler:
                 log.exception("chat generation step failed")
                 self._fail_running(f"{type(exc).__name__}: {exc}", outputs)
             self._emit(outputs)
+        if self._told_waiting:  # stopped: nothing of this scheduler's waits any more
+            self._told_waiting = False
+            self._on_waiting(False)
+
+    def _tell_waiting(self) -> None:
+        waiting = bool(self._waiting) and len(self._running) < self.engine.slots
+        if waiting != self._told_waiting:
+            self._told_waiting = waiting
+            self._on_waiting(waiting)
 
     def _apply_commands(self) -> None:
         while self._commands:

@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 
 from skills.base import SkillError, SkillRequest
+from skills.chat_first import ChatFirst
 from skills.lifecycle import ModelSkill
 from skills.speech_worker import SpeechWorker, SpeechWorkerOptions, Transcription
 
@@ -40,7 +41,7 @@ class SpeechSkill(ModelSkill):
         )
 
 
-def build_speech_skill(settings) -> SpeechSkill:  # noqa: ANN001 - assistant.settings.Settings
+def build_speech_skill(settings, chat_first: ChatFirst | None = None) -> SpeechSkill:  # noqa: ANN001 - assistant.settings.Settings
     from skills.registry import in_child_process
 
     return SpeechSkill(
@@ -53,6 +54,7 @@ def build_speech_skill(settings) -> SpeechSkill:  # noqa: ANN001 - assistant.set
             max_tokens=settings.speech_max_tokens,
             engine=settings.speech_engine,
             in_process=not in_child_process(settings.media_worker, settings.speech_device),
+            chat_first=chat_first,
         ),
         # An empty ASSISTANT_SPEECH_MODEL turns speech off (status "disabled").
         enabled=settings.load_models and bool(settings.speech_model.strip()),

@@ -22,6 +22,7 @@ the worker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,21 @@ class WindowResult:
 
 
 class StaticWhisperDecoder:
-    def __init__(self, model: Any, *, max_batch: int, sample_len: int, language: str | None, cuda_graphs: bool) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch: int,
+        sample_len: int,
+        language: str | None,
+        cuda_graphs: bool,
+        hold: Callable[[], float] | None = None,
+    ) -> None:
         import torch
         import whisper
 
         self.torch, self.whisper, self.model = torch, whisper, model
+        self.hold = hold or (lambda: 0.0)  # called before each GPU step (skills/chat_first.py)
         dims = model.dims
         self.device = str(model.device)
         self.fp16 = self.device.startswith("cuda")
@@ -128,6 +139,7 @@ class StaticWhisperDecoder:
         batch = bucket(n, self.batch_sizes)
         with torch.inference_mode():
             self._mel[:n].copy_(mels)
+            self.hold()
             audio = self.graphs.run(("encode", batch), lambda: self._encode_fn(batch))
             initial = [list(self.initial) for _ in range(n)]
             languages: list[str | None] = [self.language] * n
@@ -147,6 +159,7 @@ class StaticWhisperDecoder:
                 self._tokens[:batch, 0].copy_(torch.tensor(feed, dtype=torch.long))
                 self._pos.fill_(pos)
                 self._first.fill_(pos == prompt - 1)
+                self.hold()
                 sampled = self.graphs.run(("step", batch), lambda: self._step_fn(batch))
                 if pos < prompt - 1:
                     continue

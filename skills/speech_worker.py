@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class SpeechWorkerOptions:
     max_tokens: int = 224  # most tokens decoded per 30-second window
     engine: str = "auto"  # static | library | auto (static on a GPU): see skills/speech_decoder.py
     in_process: bool = True  # False: the model runs in a child process (skills/model_process.py)
+    # Chat first on a shared GPU (skills/chat_first.py); handed to the model's process when spawned.
+    chat_first: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class SpeechWorker:
         if opts.engine == "static" or (opts.engine == "auto" and device.startswith("cuda")):
             self.decoder = self._static_decoder(opts.engine == "static")
 
+    def chat_first_held(self) -> tuple[int, float]:
+        """Where the model runs: how many decode steps held for chat prefill, and the seconds held."""
+        first = self.options.chat_first
+        return (first.holds, first.held_s) if first is not None else (0, 0.0)
+
     def host_info(self) -> dict[str, Any]:
         """What the worker in the web process needs to know of a model loaded in a child."""
         return {"device": self.device, "language": self.language, "engine": self.engine}
@@ -140,6 +147,7 @@ class SpeechWorker:
             decoder = StaticWhisperDecoder(
                 self.model, max_batch=self.options.batch_size, sample_len=self.options.max_tokens,
                 language=self.language, cuda_graphs=self.device.startswith("cuda"),
+                hold=self.options.chat_first.hold if self.options.chat_first else None,
             )
             why = decoder.check(mel)
             if why is None:

@@ -9,9 +9,10 @@ from skills.base import Skill
 
 if TYPE_CHECKING:
     from assistant.settings import Settings
+    from skills.chat_first import ChatFirst
 
 
-def build_vision_skills(settings: Settings) -> dict[str, Skill]:
+def build_vision_skills(settings: Settings, chat_first: ChatFirst | None = None) -> dict[str, Skill]:
     from skills.caption import CaptionSkill
     from skills.registry import in_child_process
     from skills.offline.vision_engine import OFFLINE_FOLDER, OfflineVisionWorker, is_offline_vision_folder
@@ -36,6 +37,7 @@ def build_vision_skills(settings: Settings) -> dict[str, Skill]:
             batch_wait_ms=settings.vision_batch_wait_ms,
             local_files_only=settings.hub_offline,
             in_process=not in_child_process(settings.media_worker, settings.vision_device),
+            chat_first=chat_first,
         )
         skill = cls(options, enabled=settings.load_models)
         if is_offline_vision_folder(model) or Path(model).name == OFFLINE_FOLDER:  # classifier + OCR + colours

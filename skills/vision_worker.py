@@ -14,6 +14,7 @@ import asyncio
 import io
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,8 @@ class VisionWorkerOptions:
     batch_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     local_files_only: bool = False  # never ask a model hub (set when none is reachable)
     in_process: bool = True  # False: the model runs in a child process (skills/model_process.py)
+    # Chat first on a shared GPU (skills/chat_first.py); handed to the model's process when spawned.
+    chat_first: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -165,8 +168,13 @@ class VisionWorker:
             inputs = proc(images=images, text=questions, return_tensors="pt", padding=True)
         dtype = self.model.dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        first = self.options.chat_first
+        steps = {}
+        if first is not None:  # chat prefill first (skills/chat_first.py): before the encoder and each step
+            first.hold()
+            steps["stopping_criteria"] = holding_steps(first.hold)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.options.max_new_tokens)
+            out = self.model.generate(**inputs, max_new_tokens=self.options.max_new_tokens, **steps)
         texts = proc.batch_decode(out, skip_special_tokens=True)
         special = set(getattr(proc.tokenizer, "all_special_ids", []))
         for row, i in enumerate(index):
@@ -232,6 +240,19 @@ class VisionWorker:
                     r.future.set_exception(res)
                 else:
                     r.future.set_result(res)
+
+
+def holding_steps(hold: Callable[[], float]) -> Any:
+    """A ``generate`` stopping criterion that stops nothing: it calls ``hold`` after each step."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Hold(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            hold()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Hold()])
 
 
 def load_vision_model(args: tuple[type[VisionWorker], VisionWorkerOptions]) -> VisionWorker:

@@ -1,0 +1,152 @@
+"""Chat first on a shared GPU (skills/chat_first.py): the chat scheduler raises a flag while prompts
+wait for prefill; speech and vision steps, in processes of their own, wait on it, for a bounded time."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from assistant.settings import Settings
+from skills.chat_first import ChatFirst
+from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.registry import build_skills
+from skills.speech_worker import SpeechWorker, SpeechWorkerOptions
+from skills.vision_worker import VisionWorker, VisionWorkerOptions
+from tests.photos import photo
+from tests.speech_fixtures import build_tiny_whisper
+from tests.tiny_models import build_tiny_chat_model
+from tests.tiny_vision_models import build_tiny_blip
+
+
+def _media_process(first: ChatFirst, conn: Any) -> None:
+    """A stand-in media process: one hold per command, answering the seconds it waited."""
+    while conn.recv() == "hold":
+        conn.send(first.hold())
+
+
+def test_a_media_process_waits_while_chat_prompts_wait_and_never_longer_than_its_bound() -> None:
+    first = ChatFirst(max_hold_s=0.6, min_run_s=30.0)
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_media_process, args=(first, child), daemon=True)
+    proc.start()
+    try:
+        conn.send("hold")
+        assert conn.recv() == 0.0  # no chat prompt waits: no wait at all
+        first.set(True)
+        conn.send("hold")
+        time.sleep(0.2)
+        first.set(False)  # the prompts are prefilled: the media step goes on
+        waited = conn.recv()
+        assert 0.1 < waited < 0.55, waited
+        first.set(True)  # the next prompts of a burst: the next step holds again ...
+        conn.send("hold")
+        waited = conn.recv()
+        assert 0.55 < waited < 1.5, waited  # ... for at most the bound, as they keep waiting
+        conn.send("hold")
+        assert conn.recv() == 0.0  # then media has its run
+    finally:
+        conn.send("stop")
+        proc.join(10)
+
+    stuck = ChatFirst(max_hold_s=0.2, min_run_s=0.0)
+    stuck.set(True)  # a flag never cleared (a chat process that died mid-prefill) costs each step at most the bound
+    waited = [stuck.hold() for _ in range(3)]
+    assert all(0.19 < w < 0.5 for w in waited), waited
+    assert stuck.holds == 3
+
+
+def test_the_slot_scheduler_raises_the_flag_while_prompts_wait_for_prefill(tmp_path: Path) -> None:
+    first = ChatFirst()
+    model = build_tiny_chat_model(tmp_path / "chat", layers=2, hidden=32, weight_std=0.35)
+    worker = ChatWorker(ChatWorkerOptions(model=str(model), device="cpu", max_new_tokens=12, context_tokens=64,
+                                          engine="slots", chat_first=first))  # fmt: skip
+    worker.load()
+    engine, seen, queued = worker._manager.engine, [], threading.Event()
+    prefill = engine.prefill
+
+    def watched(rows: list[int], group: list[list[int]]) -> list[int]:
+        queued.wait(10)
+        seen.append(first.waiting)
+        return prefill(rows, group)
+
+    engine.prefill = watched
+    try:
+        assert not first.waiting
+        for i in range(6):
+            worker._manager.add_request(input_ids=[7 + i] * 5, request_id=f"r{i}", max_new_tokens=12)
+        queued.set()
+        finished: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(finished) < 6:
+            assert time.monotonic() < deadline, finished
+            out = worker._manager.get_result(timeout=0.05)
+            if out is not None and out.is_finished():
+                finished.add(out.request_id)
+        assert seen and all(seen), seen  # every prefill ran with the media processes held back
+        assert not first.waiting  # and nothing waits now, so nothing holds them
+    finally:
+        worker.close()
+
+
+def test_the_speech_model_process_holds_its_decode_steps_for_chat(tmp_path: Path) -> None:
+    """The flag reaches the speech model's own process: with chat prompts waiting, its steps hold."""
+    first = ChatFirst(max_hold_s=0.05, min_run_s=0.0)
+    path = build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)
+    options = dict(model=str(path), device="cpu", language="en", max_tokens=8, engine="static")
+    t = np.arange(32000, dtype=np.float32) / 16000
+    chirp = (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)
+    alone = SpeechWorker(SpeechWorkerOptions(**options))
+    held = SpeechWorker(SpeechWorkerOptions(**options, in_process=False, chat_first=first))
+    texts = {}
+    for name, worker in (("alone", alone), ("held", held)):
+        worker.load()
+        try:
+            first.set(name == "held")
+            texts[name] = worker.submit(chirp).result(timeout=120).text
+            holds, seconds = worker._model("chat_first_held")
+        finally:
+            first.set(False)
+            worker.close()
+        if name == "held":
+            # Before the encoder and each decode step: the 4-token prompt, then up to 8 sampled tokens.
+            assert holds >= 5 and seconds >= 0.2, (holds, seconds)
+        else:
+            assert (holds, seconds) == (0, 0.0)
+    assert texts["held"] == texts["alone"]  # holding changes when steps run, never what they decode
+
+
+def test_vision_generate_holds_before_the_encoder_and_each_step(tmp_path: Path) -> None:
+    first = ChatFirst(max_hold_s=0.01, min_run_s=0.0)
+    model = build_tiny_blip(tmp_path / "caption", task="caption")
+    items = [(photo("astronaut"), None), (photo("coffee"), None)]
+    out = {}
+    for name, flag in (("alone", None), ("held", first)):
+        worker = VisionWorker(VisionWorkerOptions(model=str(model), task="caption", device="cpu", max_new_tokens=4,
+                                                  chat_first=flag))  # fmt: skip
+        worker.load_model()
+        first.set(flag is not None)
+        out[name] = worker.generate_batch(items)
+    first.set(False)
+    assert out["held"] == out["alone"]
+    assert first.holds >= 1 + max(n for _, n in out["held"]), first.holds
+
+
+@pytest.mark.parametrize(("setting", "on"), [("on", True), ("off", False), ("auto", False)])
+def test_one_flag_is_shared_by_chat_speech_and_vision_where_chat_first_is_on(setting: str, on: bool) -> None:
+    """auto: on where the chat model runs on an NVIDIA GPU (this test pins the chat model to the CPU)."""
+    settings = Settings(chat_model="chat", chat_device="cpu", speech_model="base", caption_model="c", vqa_model="v",
+                        chat_first=setting)  # fmt: skip
+    skills = build_skills(settings)
+    flags = {name: skill.worker.options.chat_first for name, skill in skills.items()}
+    assert set(flags) == {"chat", "speech", "caption", "vqa"}
+    if on:
+        assert isinstance(flags["chat"], ChatFirst) and all(f is flags["chat"] for f in flags.values())
+    else:
+        assert all(f is None for f in flags.values())
