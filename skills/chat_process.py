@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from skills.chat_worker import ChatWorker, ChatWorkerOptions
+from skills.chat_worker import ChatWorker, ChatWorkerOptions, RecentPrompts
 from skills.model_process import spawn
 from skills.slot_scheduler import StreamOutput
 
@@ -36,7 +36,7 @@ class ChatProcessWorker:
         self.tokenizer: Any = None
         self.eos_token_ids: list[int] = []
         self.max_positions: int | None = None
-        self.recent_prompts: deque[tuple[str, str]] = deque(maxlen=32)
+        self.recent_prompts = RecentPrompts(self)
         self.steps = 0
         self.engine = ""  # the child's batching engine, once loaded
         self._max_concurrent = 0
@@ -87,7 +87,7 @@ class ChatProcessWorker:
         if not self.is_running():
             raise RuntimeError("the chat worker process is not running")
         self._loop = asyncio.get_running_loop()
-        self.recent_prompts.append((request_id, self.tokenizer.decode(prompt_ids)))
+        self.recent_prompts.add(request_id, prompt_ids)
         self._handlers[request_id] = (on_output, [])
         self._active.add(request_id)
         self._send(("submit", request_id, prompt_ids, max_new_tokens))
