@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 MAX_HOLD_S = 0.1  # longest a media step waits for chat prompts
-MIN_RUN_S = 0.05  # media runs at least this long between holds
+MIN_RUN_S = 0.05  # after a hold that lasted MAX_HOLD_S, media runs this long without one
 POLL_S = 0.0005
 
 

@@ -311,8 +311,8 @@ class LibraryManager:
 
 class RecentPrompts:
     """The last prompts a worker submitted, as (request id, text), newest last. They are kept as
-    token ids and decoded when read: decoding each 400-token prompt as it was submitted cost the
-    event loop about 0.4 ms a turn, a third of a chat turn's start."""
+    token ids and decoded when read: decoding each prompt as it was submitted was about a fifth of
+    a chat turn's start on the event loop (``bench/chat_start.py``)."""
 
     def __init__(self, worker: Any, maxlen: int = 32) -> None:
         self._worker = worker  # its tokenizer decodes
