@@ -155,7 +155,11 @@ class DialogueManager:
 
     def _fan_out(self, session_id: str, frame: str) -> None:
         for sub in list(self._subscribers.get(session_id, ())):
-            sub.deliver(frame)
+            try:
+                sub.deliver(frame)
+            except Exception:  # noqa: BLE001 - a broken subscriber is dropped; the session and the others go on
+                log.exception("a subscriber of session %s failed to take an event; detaching it", session_id)
+                self.detach(sub)
 
     def _owned(self, db: Session, user_id: str, session_id: str) -> ChatSession:
         sess = store.get_session(db, session_id=session_id, user_id=user_id)
@@ -301,8 +305,13 @@ class DialogueManager:
                 self._admit([it])
             return
         for it in todo:
-            if it.turn is not None:
+            if it.turn is None:
+                continue
+            try:
                 self._queue_turn(it)
+            except Exception:  # noqa: BLE001 - a bug: this stored turn fails; the batch's others are queued
+                log.exception("queueing turn %s failed", it.turn.turn_id)
+                self._finish(it.turn, p.TurnStatus.failed, text="", skill=None, usage=p.Usage())
 
     def _refused(self, it: _Admission) -> bool:
         """Checks that need no database; sets ``it.error``."""

@@ -5,6 +5,7 @@ reply and the event log say exactly what the client saw."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -274,6 +275,68 @@ def test_a_turn_that_fails_the_shared_transaction_fails_alone(tmp_path) -> None:
             msgs = store.history(db, session_id=sid)
             assert [m.text.strip() for m in msgs] == [said, f"[{said}] saw nothing"]
             assert msgs[1].status == "completed"
+
+
+class _Listener:
+    """A subscriber that keeps the frames it is given, or raises on each when ``broken``."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken, self.frames = broken, []
+
+    def deliver(self, frame: str) -> None:
+        if self.broken:
+            raise RuntimeError("this subscriber is broken")
+        self.frames.append(frame)
+
+    def replay(self, frames: list[str]) -> None:
+        self.frames.extend(frames)
+
+
+def test_a_broken_subscriber_or_a_turn_that_cannot_be_queued_fails_no_other_turn(tmp_path) -> None:  # noqa: ANN001
+    """After a burst's commit each turn is announced to its subscribers and queued. A subscriber that
+    raises is detached (its session's turn still runs), and a turn whose queueing fails is stored as
+    failed; the burst's later turns are queued and answered either way."""
+    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    with sessions.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+    queue_turn = dm._queue_turn
+    refused: list[str] = []
+
+    def queue_or_fail(it) -> None:  # noqa: ANN001 - a bug injected into the second session's turn
+        if it.event.text == "unqueueable":
+            refused.append(it.turn.turn_id)
+            raise RuntimeError("injected: queueing this turn fails")
+        queue_turn(it)
+
+    dm._queue_turn = queue_or_fail
+    listeners = [_Listener(), _Listener(broken=True), _Listener(), _Listener()]
+
+    async def scenario() -> tuple[list[object], list[str]]:
+        sids = [dm.create_session(user_id=ann, title=None, sub=None, event_id=None) for _ in range(4)]
+        futures = [
+            dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text=t), sub=sub)
+            for sid, t, sub in zip(sids, ("first", "heard by no one", "unqueueable", "last"), listeners)
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        while dm._runners:
+            await asyncio.sleep(0.01)
+        return results, sids
+
+    results, sids = asyncio.run(scenario())
+    assert all(isinstance(r, str) for r in results), results  # every turn was stored and acknowledged
+    assert refused == [results[2]]
+    assert all(listeners[1] not in subs for subs in dm._subscribers.values())
+    for listener, sid in ((listeners[0], sids[0]), (listeners[3], sids[3])):
+        kinds = [json.loads(f)["type"] for f in listener.frames]
+        assert kinds[0] == "turn.created" and kinds[-1] == "response.done", kinds
+    with sessions() as db:
+        for sid, said in ((sids[0], "first"), (sids[1], "heard by no one"), (sids[3], "last")):
+            msgs = store.history(db, session_id=sid)
+            assert [m.text.strip() for m in msgs] == [said, f"[{said}] saw nothing"]
+            assert msgs[1].status == "completed"
+        failed = store.history(db, session_id=sids[2])
+        assert [m.text for m in failed][:1] == ["unqueueable"] and failed[1].status == "failed"
+        assert [e.type for e in store.events_after(db, session_id=sids[2], after_seq=0)][-1] == "response.done"
 
 
 def test_opening_a_conversation_longer_than_the_outbound_queue_replays_all_of_it(tmp_path) -> None:  # noqa: ANN001
