@@ -64,6 +64,7 @@ class VisionWorker:
         self._batcher: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision-{options.task}")
         self.host: ModelProcess | None = None  # the model's process, when not in this one
+        self._generate_options: dict[str, Any] = {}  # extra ``generate`` arguments, set at load
         # Observability: sizes of the most recent batches, newest last.
         self.batch_sizes: deque[int] = deque(maxlen=256)
 
@@ -122,6 +123,8 @@ class VisionWorker:
                 f"machine can reach; set it empty to turn {opts.task} off"
             ) from exc
         self.model, self.processor, self.device = model, processor, device
+        first = opts.chat_first  # chat prefill first (skills/chat_first.py): a hold after each step
+        self._generate_options = {"stopping_criteria": holding_steps(first.hold)} if first is not None else {}
         log.info("%s model %s loaded on %s (%s)", opts.task, opts.model, device, dtype)
 
     async def aclose(self) -> None:
@@ -168,13 +171,10 @@ class VisionWorker:
             inputs = proc(images=images, text=questions, return_tensors="pt", padding=True)
         dtype = self.model.dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
-        first = self.options.chat_first
-        steps = {}
-        if first is not None:  # chat prefill first (skills/chat_first.py): before the encoder and each step
-            first.hold()
-            steps["stopping_criteria"] = holding_steps(first.hold)
+        if self.options.chat_first is not None:  # chat prefill first: a hold before the encoder, too
+            self.options.chat_first.hold()
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.options.max_new_tokens, **steps)
+            out = self.model.generate(**inputs, max_new_tokens=self.options.max_new_tokens, **self._generate_options)
         texts = proc.batch_decode(out, skip_special_tokens=True)
         special = set(getattr(proc.tokenizer, "all_special_ids", []))
         for row, i in enumerate(index):
