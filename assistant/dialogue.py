@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,12 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from assistant import protocol as p
 from assistant.stream_writer import StreamWriter
 from assistant.metrics import Metrics
-from assistant.image_context import image_bytes, image_context, turn_attachments
+from assistant.image_context import image_bytes, image_context, mentions_attachments, turn_attachments
 from assistant.router import Decision, SessionState, TurnRequest, UnknownSkill, route
 from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
-from state.attachments import BlobStore, blob_refs, release_blobs, session_attachments
+from state.attachments import BlobStore, attachment_refs, blob_refs, release_blobs, session_attachments
 from state.models import ChatSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,8 @@ class DialogueManager:
         """The transaction of ``_admit``: a turn to an idle session is routed at once (its context read
         for all of them in one query), one to a busy session is queued behind what it runs."""
         heads = store.session_heads(db, session_ids={it.event.session_id for it in batch})
+        # The attachments of every session a turn names some of, in one read (see image_context).
+        refs = attachment_refs(db, session_ids={it.event.session_id for it in batch if it.event.attachment_ids})
         lines: dict[str, list[int]] = {}  # session -> [turns queued, 1 if one runs], this batch's included
         admitted: list[tuple[_Admission, _Turn]] = []
         for it in batch:
@@ -345,7 +347,7 @@ class DialogueManager:
                 it.error = self._not_found(event.session_id)
                 continue
             unknown, image_ids = (
-                turn_attachments(db, user_id=it.user_id, session_id=head.id, ids=event.attachment_ids)
+                turn_attachments(refs[head.id], user_id=it.user_id, ids=event.attachment_ids)
                 if event.attachment_ids
                 else ([], [])
             )
@@ -379,6 +381,9 @@ class DialogueManager:
             return
         idle = {turn.session_id for it, turn in admitted if not it.busy}
         contexts = store.contexts(db, session_ids=idle) if idle else {}
+        more = {sid for sid in idle if sid not in refs and mentions_attachments(contexts.get(sid, ()))}
+        if more:  # earlier turns of these sessions named attachments: their images are labelled
+            refs.update(attachment_refs(db, session_ids=more))
         new_turns = []
         for it, turn in admitted:
             position, reply = None, None
@@ -388,7 +393,7 @@ class DialogueManager:
                 position = msgs[-1].position + 1 if msgs else 0
                 turn.started = it.received
                 try:
-                    turn.routing = self._decide(db, turn, msgs)
+                    turn.routing = self._decide(db, turn, msgs, refs.get(turn.session_id))
                     reply = self._routed_fields(turn.routing[0], cancelled=False)
                 except UnknownSkill:  # a /command naming no skill: _run_turn fails the turn
                     pass
@@ -473,10 +478,15 @@ class DialogueManager:
             if self._runners.get(session_id) is runner and not runner.queue:
                 del self._runners[session_id]
 
-    def _decide(self, db: Session, turn: _Turn, msgs: Sequence[Row]) -> tuple[Decision, list[HistoryItem]]:
-        """Route ``turn`` given the session's messages before it (``store.context`` rows); raises
+    def _decide(
+        self, db: Session, turn: _Turn, msgs: Sequence[Row], refs: Mapping[str, Row] | None = None
+    ) -> tuple[Decision, list[HistoryItem]]:
+        """Route ``turn`` given the session's messages before it (``store.context`` rows) and its
+        attachments (``attachment_refs``; read here when None and a message names one); raises
         ``UnknownSkill``. Returns the decision and the history the skill gets."""
-        state, history = self._session_state(db, turn, msgs)
+        if refs is None:
+            refs = attachment_refs(db, session_ids=[turn.session_id])[turn.session_id] if mentions_attachments(msgs) else {}
+        state, history = self._session_state(msgs, refs)
         decision = route(
             TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
             state,
@@ -510,8 +520,9 @@ class DialogueManager:
             attachment_id=decision.attachment_id,
         )
 
-    def _session_state(self, db: Session, turn: _Turn, msgs: Sequence[Row]) -> tuple[SessionState, list[HistoryItem]]:
-        images = image_context(db, session_id=turn.session_id, messages=msgs)
+    @staticmethod
+    def _session_state(msgs: Sequence[Row], refs: Mapping[str, Row]) -> tuple[SessionState, list[HistoryItem]]:
+        images = image_context(refs, messages=msgs)
         items: list[HistoryItem] = []
         last_skill = None
         for m in msgs:

@@ -4,14 +4,15 @@ ids a turn refers to. Reads rows; writes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from assistant.image_refs import is_follow_up
 from assistant.router import split_command
-from state.attachments import BlobStore, session_attachments
+from state.attachments import BlobStore
 from state.models import Attachment, Message
 
 
@@ -27,19 +28,24 @@ class ImageContext:
         return f"{label}{message.text}".strip() if label else message.text
 
 
-def turn_attachments(db: Session, *, user_id: str, session_id: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+def turn_attachments(refs: Mapping[str, Row], *, user_id: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
     """(unknown ids, image ids) for the ids a turn refers to: an id is unknown unless it is an
-    attachment of ``user_id`` in ``session_id``."""
-    rows = {a.id: a for a in session_attachments(db, session_id=session_id) if a.user_id == user_id}
+    attachment of ``user_id`` among ``refs`` (the session's, from ``attachment_refs``)."""
+    rows = {i: a for i, a in refs.items() if a.user_id == user_id}
     unknown = [i for i in ids if i not in rows]
     images = list(dict.fromkeys(i for i in ids if i in rows and rows[i].kind == "image"))
     return unknown, images
 
 
-def image_context(db: Session, *, session_id: str, messages: Sequence[Message]) -> ImageContext:
-    # Only a session whose messages name attachments needs its images looked up.
-    mentioned = any(m.attachment_ids for m in messages)
-    images = {a.id for a in session_attachments(db, session_id=session_id, kind="image")} if mentioned else set()
+def mentions_attachments(messages: Sequence[Message]) -> bool:
+    """Whether any of these messages names an attachment (only then are the session's looked up)."""
+    return any(m.attachment_ids for m in messages)
+
+
+def image_context(refs: Mapping[str, Row], *, messages: Sequence[Message]) -> ImageContext:
+    """``refs``: the session's attachments (``attachment_refs``); may be empty when no message
+    ``mentions_attachments``."""
+    images = {i for i, a in refs.items() if a.kind == "image"}
     registry: list[str] = []
     focus: str | None = None
     last_question: str | None = None

@@ -96,8 +96,11 @@ def main() -> None:
     if args.mode == "naive":
         options = ChatWorkerOptions(model=args.chat_model, device=args.device, max_new_tokens=args.max_new_tokens)
         skills = {"chat": NaiveChatSkill(options, system_prompt=settings.chat_system_prompt, context_tokens=1024)}
-    elif args.mode == "flood":
-        skills = {"chat": FloodSkill(args.flood_words)}
+    elif args.mode == "flood":  # model-free chat; speech and vision as configured (none unless named)
+        from skills.registry import build_skills
+
+        media = build_skills(settings) if args.speech_model or args.caption_model or args.vqa_model else {}
+        skills = {**{k: v for k, v in media.items() if k != "chat"}, "chat": FloodSkill(args.flood_words)}
     app = create_app(settings, skills=skills)
     state_db.upgrade(app.state.engine)
     with app.state.sessions.begin() as db:

@@ -8,11 +8,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Row, bindparam, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from state.models import Attachment, Message
@@ -166,3 +166,20 @@ def session_attachments(db: Session, *, session_id: str, kind: str | None = None
     if kind is not None:
         stmt = stmt.where(Attachment.kind == kind)
     return db.scalars(stmt.order_by(Attachment.created_at, Attachment.id)).all()
+
+
+_attachments_t = Attachment.__table__
+_REFS = select(*(_attachments_t.c[k] for k in ("session_id", "id", "user_id", "kind"))).where(
+    _attachments_t.c.session_id.in_(bindparam("sids", expanding=True))
+)
+
+
+def attachment_refs(db: Session, *, session_ids: Collection[str]) -> dict[str, dict[str, Row]]:
+    """Each of these sessions' attachments as ``id -> (session_id, id, user_id, kind)`` rows, in one
+    prepared Core read: what admitting a turn checks its attachment ids against and labels the
+    session's images with (no ORM objects, no JSON to parse). A session with none maps to ``{}``."""
+    out: dict[str, dict[str, Row]] = {sid: {} for sid in session_ids}
+    if out:
+        for row in db.connection().execute(_REFS, {"sids": list(out)}):
+            out[row.session_id][row.id] = row
+    return out
