@@ -9,7 +9,9 @@ serves one at a time, so its queue would otherwise take minutes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -251,26 +253,69 @@ async def chat_with_media(
     http: str, url: str, token: str, sessions: int, *, speech_streams: int, vision_streams: int, pcm: bytes, image: bytes,
     rounds: int = 1,
 ) -> dict:
-    """``sessions`` chat turns at once (``rounds`` times) while speech and vision clients keep their skills busy."""
-    stop = asyncio.Event()
-    speech_ms: list[float] = []
-    vision_ms: list[float] = []
-    media = [asyncio.create_task(_speech_client(url, token, pcm, stop, speech_ms)) for _ in range(speech_streams)]
-    media += [asyncio.create_task(_vision_client(http, url, token, image, stop, vision_ms)) for _ in range(vision_streams)]
-    deadline = time.perf_counter() + 120
-    while (len(speech_ms) < speech_streams or len(vision_ms) < vision_streams) and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)  # every media client has finished one request: the load is steady
-        for task in media:
-            if task.done() and task.exception():
-                raise task.exception()
-    n_speech, n_vision = len(speech_ms), len(vision_ms)
-    chat = await chat_rounds(url, token, sessions, rounds)
-    stop.set()
-    await asyncio.gather(*media)
+    """``sessions`` chat turns at once (``rounds`` times) while speech and vision clients keep their
+    skills busy. The media clients run in a process of their own, as other people's machines would:
+    on this process's event loop their frames would delay the chat clients' clocks."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    media = ctx.Process(target=media_clients, args=(theirs, http, url, token, speech_streams, vision_streams, pcm, image))
+    media.start()
+    try:
+        if not await asyncio.to_thread(ours.poll, 180):
+            raise RuntimeError("the media clients did not reach a steady load in 180 s")
+        steady = ours.recv()
+        if steady[0] == "error":
+            raise RuntimeError(f"media client failed: {steady[1]}")
+        chat = await chat_rounds(url, token, sessions, rounds)
+        ours.send("stop")
+        kind, *rest = await asyncio.to_thread(ours.recv)
+        if kind == "error":
+            raise RuntimeError(f"media client failed: {rest[0]}")
+    finally:
+        if media.is_alive():
+            with contextlib.suppress(OSError):
+                ours.send("stop")  # a no-op once stopped; unblocks it when a chat round failed
+        media.join(60)
+        if media.is_alive():
+            media.kill()
+    speech_ms, vision_ms, during = rest
     return {
         "chat": chat,
-        "speech_utterances_during_chat": len(speech_ms) - n_speech,
-        "vision_turns_during_chat": len(vision_ms) - n_vision,
+        "speech_utterances_during_chat": during[0],
+        "vision_turns_during_chat": during[1],
         "speech_latency_ms": summary(speech_ms),
         "vision_latency_ms": summary(vision_ms),
     }
+
+
+def media_clients(  # noqa: PLR0913
+    conn, http: str, url: str, token: str, speech_streams: int, vision_streams: int, pcm: bytes, image: bytes  # noqa: ANN001
+) -> None:
+    """The media side of ``chat_with_media``, in its own process: start the clients, send
+    ``("steady",)`` once each has finished one request, run until ``"stop"`` arrives, then send
+    ``("done", speech latencies, vision latencies, (speech, vision) requests finished between the
+    two)``; ``("error", message)`` instead when a client fails."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        speech_ms: list[float] = []
+        vision_ms: list[float] = []
+        tasks = [asyncio.create_task(_speech_client(url, token, pcm, stop, speech_ms)) for _ in range(speech_streams)]
+        tasks += [asyncio.create_task(_vision_client(http, url, token, image, stop, vision_ms)) for _ in range(vision_streams)]
+        while len(speech_ms) < speech_streams or len(vision_ms) < vision_streams:
+            await asyncio.sleep(0.05)  # every media client has finished one request: the load is steady
+            for task in tasks:
+                if task.done() and task.exception():
+                    raise task.exception()
+        counts = len(speech_ms), len(vision_ms)
+        conn.send(("steady",))
+        await asyncio.to_thread(conn.recv)
+        during = len(speech_ms) - counts[0], len(vision_ms) - counts[1]
+        stop.set()
+        await asyncio.gather(*tasks)
+        conn.send(("done", speech_ms, vision_ms, during))
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
