@@ -121,6 +121,7 @@ class DialogueManager:
         self.metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._runners: dict[str, _SessionRunner] = {}
+        self._streaming = 0  # replies streaming now (their frames share delta_frames_per_s)
         self._admissions: list[_Admission] = []  # submitted this turn of the event loop
         self._writer = StreamWriter(sessions, self._fan_out)
         metrics.queued.set_function(lambda: sum(len(r.queue) for r in self._runners.values()))
@@ -584,7 +585,11 @@ class DialogueManager:
                 marks.append(time.monotonic())
                 if turn.cancelled:
                     run.cancel()
-                await self._stream(turn, run, decision.skill, marks)
+                self._streaming += 1
+                try:
+                    await self._stream(turn, run, decision.skill, marks)
+                finally:
+                    self._streaming -= 1
                 usage = p.Usage(
                     prompt_tokens=run.usage.prompt_tokens,
                     completion_tokens=run.usage.completion_tokens,
@@ -625,11 +630,14 @@ class DialogueManager:
             raise SkillError("attachment_not_found", f"the bytes of image {attachment_id!r} are missing") from None
 
     async def _stream(self, turn: _Turn, run: SkillRun, skill: str, marks: list[float]) -> None:
-        """Forward deltas as coalesced frames; the reply text in the DB grows with each frame (written
-        by the group-commit ``StreamWriter`` together with every other stream's frames). ``marks``:
+        """Forward deltas as coalesced frames: at most one per ``delta_flush_interval``, stretched while
+        more streams run than ``delta_frames_per_s`` allows at that interval (so a busy server's event
+        loop is not spent on frames). The reply text in the DB grows with each frame (written by the
+        group-commit ``StreamWriter`` together with every other stream's frames). ``marks``:
         the turn's start, its skill's call and its return (``time.monotonic()``)."""
         text, pending, last_flush, first = "", "", 0.0, True
         interval = self.settings.delta_flush_interval
+        cap = self.settings.delta_frames_per_s
 
         first_token_at = None
 
@@ -657,7 +665,8 @@ class DialogueManager:
             text += delta
             turn.partial = text
             pending += delta
-            if time.monotonic() - last_flush >= interval:
+            # Every stream's interval stretches so that all of them together stay within the cap.
+            if time.monotonic() - last_flush >= (max(interval, self._streaming / cap) if cap > 0 else interval):
                 await flush()
         if pending:
             await flush()

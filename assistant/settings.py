@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     max_outbound_queue: int = 4096
     # Seconds between coalesced delta frames (0 = send as soon as tokens arrive).
     delta_flush_interval: float = 0.02
+    # The most delta frames a second the server sends over all its streams: with more streams than
+    # fit at delta_flush_interval, each stream's interval stretches (256 streams: 64 ms). A reply's
+    # first and last frames go out at once. 0 = no cap.
+    delta_frames_per_s: float = 4000.0
 
     # --- auth ---
     # On first start with no user, create one and print a login URL with its token.

@@ -130,9 +130,10 @@ class NaiveChatSkill(ModelSkill):
 
 
 class _FloodRun:
-    def __init__(self, words: int) -> None:
+    def __init__(self, words: int, pace_s: float = 0.0) -> None:
         self.usage = SkillUsage(prompt_tokens=1)
         self._words = words
+        self._pace = pace_s
         self._cancelled = False
 
     def cancel(self) -> None:
@@ -144,14 +145,15 @@ class _FloodRun:
                 return
             self.usage.completion_tokens = i + 1
             yield f" w{i}"
-            await asyncio.sleep(0)  # let every other session's stream and the sockets run
+            await asyncio.sleep(self._pace)  # 0: let every other session's stream and the sockets run
 
 
 class FloodSkill(ModelFreeSkill):
     name = "chat"
 
-    def __init__(self, words: int) -> None:
+    def __init__(self, words: int, pace_s: float = 0.0) -> None:
         self.words = words
+        self.pace_s = pace_s  # seconds between words (a model's time per output token)
 
     async def run(self, request: SkillRequest) -> _FloodRun:
-        return _FloodRun(self.words)
+        return _FloodRun(self.words, self.pace_s)

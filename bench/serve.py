@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--flood-words", type=int, default=200)
+    ap.add_argument("--flood-pace", type=float, default=0.0, help="flood: seconds between words")
+    ap.add_argument("--frames-per-s", type=float, default=None, help="ASSISTANT_DELTA_FRAMES_PER_S (0: no cap)")
     ap.add_argument("--chat-first", choices=["auto", "on", "off"], default="auto", help="speech and vision hold for chat prefill")
     ap.add_argument("--speech-model", default="")
     ap.add_argument("--caption-model", default="")
@@ -83,6 +85,7 @@ def main() -> None:
         chat_engine=args.engine,
         chat_slots=args.slots,
         delta_flush_interval=args.flush_interval,
+        **({} if args.frames_per_s is None else {"delta_frames_per_s": args.frames_per_s}),
         speech_model=args.speech_model,
         speech_device=args.device,
         speech_language="en",
@@ -100,7 +103,7 @@ def main() -> None:
         from skills.registry import build_skills
 
         media = build_skills(settings) if args.speech_model or args.caption_model or args.vqa_model else {}
-        skills = {**{k: v for k, v in media.items() if k != "chat"}, "chat": FloodSkill(args.flood_words)}
+        skills = {**{k: v for k, v in media.items() if k != "chat"}, "chat": FloodSkill(args.flood_words, args.flood_pace)}
     app = create_app(settings, skills=skills)
     state_db.upgrade(app.state.engine)
     with app.state.sessions.begin() as db:

@@ -416,6 +416,56 @@ def test_a_broken_subscriber_or_a_turn_that_cannot_be_queued_fails_no_other_turn
         assert [e.type for e in store.events_after(db, session_id=sids[2], after_seq=0)][-1] == "response.done"
 
 
+def test_many_streams_share_the_servers_frames_a_second_and_lose_no_word(tmp_path) -> None:  # noqa: ANN001
+    """With ``delta_frames_per_s`` set, the streams running together send no more frames a second
+    than it allows (each stream's interval is the number of streams over the cap), while each
+    reply's first word still goes out at once in a frame of its own and every word arrives, in
+    order. Without the cap the same streams send a frame per word (``delta_flush_interval`` is 0)."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+
+    streams, words = 8, 40
+
+    def run(cap: float) -> tuple[list[list[str]], float]:
+        folder = tmp_path / f"cap{int(cap)}"
+        folder.mkdir()
+        settings = make_settings(folder, folder, load_models=False, delta_flush_interval=0.0, delta_frames_per_s=cap)
+        engine = make_engine(settings.database_url)
+        upgrade(engine)
+        sessions = make_session_factory(engine)
+        skill = FloodSkill(words, pace_s=0.004)
+        dm = DialogueManager(settings=settings, sessions=sessions, skills={"chat": skill}, metrics=Metrics())
+        with sessions.begin() as db:
+            ann = store.get_or_create_user(db, name="ann").id
+        listeners = [_Listener() for _ in range(streams)]
+
+        async def scenario() -> float:
+            sids = [dm.create_session(user_id=ann, title=None, sub=None, event_id=None) for _ in range(streams)]
+            started = asyncio.get_running_loop().time()
+            await asyncio.gather(*(
+                dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="go"), sub=sub)
+                for sid, sub in zip(sids, listeners)
+            ))  # fmt: skip
+            while dm._runners:
+                await asyncio.sleep(0.005)
+            return asyncio.get_running_loop().time() - started
+
+        wall = asyncio.run(scenario())
+        engine.dispose()
+        deltas = [[e["delta"] for e in map(json.loads, sub.frames) if e["type"] == "response.delta"] for sub in listeners]
+        return deltas, wall
+
+    uncapped, _ = run(0.0)
+    capped, wall = run(100.0)
+    expected = "".join(f" w{i}" for i in range(words))
+    for deltas in uncapped + capped:
+        assert "".join(deltas) == expected and deltas[0] == " w0"
+    sent = sum(len(d) for d in capped)
+    # In between a stream's first and last frames, one per (streams / cap) seconds at most.
+    assert sent <= 100.0 * wall * 1.5 + 2 * streams, f"{sent} frames in {wall:.2f} s with a cap of 100 a second"
+    assert sum(len(d) for d in uncapped) >= 3 * sent, (sent, wall)
+
+
 def test_opening_a_conversation_longer_than_the_outbound_queue_replays_all_of_it(tmp_path) -> None:  # noqa: ANN001
     """A client opening an old conversation resumes from seq 0 and is sent its whole event log,
     which for a long conversation holds more frames than a connection may have queued (the limit
