@@ -9,6 +9,9 @@
 # load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520; BENCH_VARIANTS="ours-process ..." runs
 #          only those of the profile's servers besides the naive baseline)      -> OUT/load_gpu.json, .png, log.txt
 # staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
+# mixed:   the mixed phase alone, chat first on then off, 3 bursts each way  -> OUT/mixed_gpu.json, mixed_chat_first_off_gpu.json
+# framecap: bench/frame_cap.py, 256 model-free paced streams, no cap and 4000 frames/s (the web process
+#          on this machine's CPU; no GPU work)                                   -> OUT/frame_cap_gpu_host.json
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/results}}
 shift || true
@@ -34,7 +37,14 @@ for stage in $STAGES; do
             2>&1 | tee "$OUT_DIR/log.txt" || rc=1 ;;
     staggered) timeout 240 python3 bench/staggered.py --shape qwen2.5-0.5b --sessions 256 --max-new 256 \
                --out "$OUT_DIR/staggered_gpu.json" || rc=1 ;;
-    *) echo "unknown stage $stage (tests, profile, load, staggered)"; exit 2 ;;
+    mixed) for first in on off; do
+             name=$([ $first = on ] && echo mixed_gpu || echo mixed_chat_first_off_gpu)
+             timeout 200 python3 bench/run.py --profile gpu --only mixed --chat-first $first --out "$OUT_DIR/$name.json" \
+               2>&1 | tail -5 || rc=1
+           done ;;
+    framecap) timeout 120 python3 bench/frame_cap.py --sessions 256 --caps 0 4000 --out "$OUT_DIR/frame_cap_gpu_host.json" \
+                2>&1 | grep "  cap" || rc=1 ;;
+    *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, framecap)"; exit 2 ;;
   esac
 done
 exit $rc
