@@ -63,6 +63,9 @@ class SkillStatus:
 
 
 class Skill(Protocol):
+    """A skill may also have ``expect()``: called on the event loop when turns are routed to it, in
+    the transaction that admits them, before its ``run`` (``ChatSkill``: chat first on a GPU)."""
+
     name: str
 
     def status(self) -> SkillStatus: ...

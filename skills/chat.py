@@ -198,7 +198,15 @@ class ChatSkill(ModelSkill):
                 except ModelLoadError as exc:
                     raise SkillError("skill_unavailable", f"the chat model could not be restarted: {exc}") from exc
 
+    def expect(self) -> None:
+        """A turn was routed here: where chat goes first on a shared GPU, media holds from now
+        (``skills/chat_first.py``), not only once the prompt reaches the scheduler."""
+        first = self.worker.options.chat_first
+        if first is not None:
+            first.expect()
+
     async def run(self, request: SkillRequest) -> ChatRun:
+        self.expect()  # a burst's turns start one after another: each keeps the expectation up
         await self.wait_ready()
         await self._restart_if_exited()
         history = [*request.history, HistoryItem(role="user", text=request.text)]

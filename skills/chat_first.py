@@ -5,11 +5,14 @@ contexts: while the speech or vision process has kernels queued, the chat model'
 its slice. On the H200 mixed-load run (bench/README.md), 64 chat turns' time to first token rose from
 119 to 166 ms p95 while 16 speech and 16 vision streams ran.
 
-``ChatFirst`` is one integer in shared memory, made in the web process and handed to the model
-processes when they are spawned. The chat model's slot scheduler sets it while prompts wait for
-prefill (and a slot is free for them) and clears it when they are in. The static Whisper decoder and
-the vision model's ``generate`` call ``hold()`` before each step: it returns at once when the flag
-is clear; otherwise it waits for it to clear, at most ``max_hold_s``. A hold that reaches that bound
+``ChatFirst`` is one integer and one deadline in shared memory, made in the web process and handed to
+the model processes when they are spawned. The chat model's slot scheduler sets the integer while
+prompts wait for prefill (and a slot is free for them) and clears it when they are in. Before that,
+the web process sets the deadline (``expect``) when it routes a chat turn and again when it starts
+it: the prompts of a burst are on their way, and the GPU should be free of media work when the
+first arrives (admitting and starting a 64-turn burst took 35-55 ms on the H200 mixed run). The
+static Whisper decoder and the vision model's ``generate`` call ``hold()`` before each step: it
+returns at once when neither is up; otherwise it waits for both to clear, at most ``max_hold_s``. A hold that reaches that bound
 leaves media ``min_run_s`` without holds. So media pauses while a burst of chat turns is prefilled
 (the flag may clear and rise again between the burst's prefill groups), and chat prompts that keep
 waiting cannot starve it. Media work already queued on the GPU (one step) still runs.
@@ -25,12 +28,15 @@ from typing import Any
 
 MAX_HOLD_S = 0.1  # longest a media step waits for chat prompts
 MIN_RUN_S = 0.05  # after a hold that lasted MAX_HOLD_S, media runs this long without one
+EXPECT_S = 0.05  # how long a routed chat turn keeps media waiting for its prompt to reach the scheduler
 POLL_S = 0.0005
 
 
 class ChatFirst:
     def __init__(self, *, max_hold_s: float = MAX_HOLD_S, min_run_s: float = MIN_RUN_S) -> None:
-        self._flag = multiprocessing.get_context("spawn").RawValue("i", 0)
+        ctx = multiprocessing.get_context("spawn")
+        self._flag = ctx.RawValue("i", 0)
+        self._expected = ctx.RawValue("d", 0.0)  # time.monotonic() (one clock for every process) until which prompts are due
         self.max_hold_s, self.min_run_s = max_hold_s, min_run_s
         self._free_until = 0.0  # per process: each gets its own copy of this object
         self.holds = 0  # in this process: holds that waited, and for how long in all
@@ -40,24 +46,31 @@ class ChatFirst:
         """The chat side: prompts are waiting for prefill (True) or none is (False)."""
         self._flag.value = int(waiting)
 
+    def expect(self, within_s: float = EXPECT_S) -> None:
+        """The web process: a chat turn was routed or started; its prompt reaches the scheduler soon."""
+        self._expected.value = time.monotonic() + within_s
+
     @property
     def waiting(self) -> bool:
+        """Prompts wait for prefill (the scheduler's flag)."""
         return bool(self._flag.value)
 
+    def pending(self, now: float | None = None) -> bool:
+        """Prompts wait for prefill, or are expected."""
+        return bool(self._flag.value) or (time.monotonic() if now is None else now) < self._expected.value
+
     def hold(self) -> float:
-        """The media side, before each step: wait while chat prompts wait (bounded, see the module
-        docstring). Returns the seconds waited."""
-        if not self._flag.value:
-            return 0.0
+        """The media side, before each step: wait while chat prompts wait or are expected (bounded,
+        see the module docstring). Returns the seconds waited."""
         start = time.monotonic()
-        if start < self._free_until:
+        if not self.pending(start) or start < self._free_until:
             return 0.0
         deadline = start + self.max_hold_s
         now = start
-        while self._flag.value and now < deadline:
+        while self.pending(now) and now < deadline:
             time.sleep(POLL_S)
             now = time.monotonic()
-        if self._flag.value:  # held as long as a step may be: media's turn now, however long chat waits
+        if self.pending(now):  # held as long as a step may be: media's turn now, however long chat waits
             self._free_until = now + self.min_run_s
         self.holds += 1
         self.held_s += now - start

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from assistant.settings import Settings
+from skills.base import ModelFreeSkill, SkillRequest, SkillUsage
 from skills.chat_first import ChatFirst
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
 from skills.registry import build_skills
@@ -60,6 +61,104 @@ def test_a_media_process_waits_while_chat_prompts_wait_and_never_longer_than_its
     waited = [stuck.hold() for _ in range(3)]
     assert all(0.19 < w < 0.5 for w in waited), waited
     assert stuck.holds == 3
+
+
+def test_a_routed_chat_turn_holds_media_until_its_prompt_is_due() -> None:
+    """The web process ``expect``s a chat turn's prompt when it routes the turn: a media process's
+    next step waits from then, before the chat scheduler has seen the prompt, until the expectation
+    lapses (or the scheduler's flag takes over), never longer than the bound."""
+    first = ChatFirst(max_hold_s=0.6, min_run_s=0.0)
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_media_process, args=(first, child), daemon=True)
+    proc.start()
+    try:
+        conn.send("hold")
+        assert conn.recv() == 0.0
+        first.expect(0.25)
+        conn.send("hold")
+        assert 0.15 < conn.recv() < 0.55  # held until the prompt was due
+        conn.send("hold")
+        assert conn.recv() == 0.0  # lapsed: no hold
+        first.expect(0.1)
+        conn.send("hold")
+        time.sleep(0.05)
+        first.set(True)  # the prompt reached the scheduler and waits for prefill: still held ...
+        time.sleep(0.2)
+        first.set(False)  # ... until it is in
+        assert 0.2 < conn.recv() < 0.55
+        first.expect(5.0)
+        conn.send("hold")
+        assert 0.55 < conn.recv() < 1.5  # an expectation never met costs at most the bound
+    finally:
+        conn.send("stop")
+        proc.join(10)
+
+
+class _ExpectingSkill(ModelFreeSkill):
+    """Records whether media was already held back when each of its turns started."""
+
+    def __init__(self, name: str, first: ChatFirst | None) -> None:
+        super().__init__()
+        self.name, self.first, self.held_at_run, self.expected = name, first, [], 0
+
+    def expect(self) -> None:
+        self.expected += 1
+        if self.first is not None:
+            self.first.expect(30.0)
+
+    async def run(self, request: SkillRequest) -> Any:
+        self.held_at_run.append(self.first is not None and self.first.pending())
+        return _OneWord()
+
+
+class _OneWord:
+    def __init__(self) -> None:
+        self.usage = SkillUsage()
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self) -> Any:
+        yield "ok"
+
+
+def test_admitting_a_burst_of_chat_turns_expects_their_prompts_before_any_runs(tmp_path: Path) -> None:
+    """A burst's admission tells the chat skill once, before the first of its turns runs; a burst
+    with no chat turn does not tell it."""
+    import asyncio
+
+    from assistant import protocol as p
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+    from state import store
+    from state.db import make_engine, make_session_factory, upgrade
+    from tests.conftest import make_settings
+
+    first = ChatFirst()
+    chat, other = _ExpectingSkill("chat", first), _ExpectingSkill("caption", None)  # a vision skill has no flag to raise
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    dm = DialogueManager(settings=settings, sessions=sessions, skills={"chat": chat, "caption": other}, metrics=Metrics())
+    with sessions.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+
+    async def scenario() -> None:
+        sids = [dm.create_session(user_id=ann, title=None, sub=None, event_id=None) for _ in range(5)]
+        events = [p.TurnCreate(session_id=sid, text=f"hello {i}") for i, sid in enumerate(sids[:4])]
+        events.append(p.TurnCreate(session_id=sids[4], text="describe it", skill="caption"))
+        await asyncio.gather(*(dm.submit_turn(user_id=ann, event=e, sub=None) for e in events))
+        while dm._runners:
+            await asyncio.sleep(0.01)
+        await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sids[4], text="and now?", skill="caption"), sub=None)
+        while dm._runners:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert chat.expected == 1 and chat.held_at_run == [True] * 4
+    assert other.expected == 2 and len(other.held_at_run) == 2
 
 
 def test_the_slot_scheduler_raises_the_flag_while_prompts_wait_for_prefill(tmp_path: Path) -> None:
