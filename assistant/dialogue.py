@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -405,10 +405,10 @@ class DialogueManager:
                     it.event.skill, it.input_kind, position, reply,
                 )  # fmt: skip
             )
-        for name in {turn.routing[0].skill for _, turn in admitted if turn.routing is not None}:
+        for name, n in Counter(turn.routing[0].skill for _, turn in admitted if turn.routing is not None).items():
             expect = getattr(self.skills.get(name), "expect", None)  # e.g. chat first on a shared GPU
             if expect is not None:
-                expect()
+                expect(n)
         stored = store.add_turns(db, turns=new_turns, titles={t.session_id: heads[t.session_id].title for _, t in admitted})
         events: list[tuple[_Admission, BaseModel]] = []
         for (it, turn), (reply_id, position) in zip(admitted, stored):

@@ -63,8 +63,9 @@ class SkillStatus:
 
 
 class Skill(Protocol):
-    """A skill may also have ``expect()``: called on the event loop when turns are routed to it, in
-    the transaction that admits them, before its ``run`` (``ChatSkill``: chat first on a GPU)."""
+    """A skill may also have ``expect(turns)``: called on the event loop with the number of turns
+    routed to it in the transaction that admits them, before their ``run``s (``ChatSkill``: chat
+    first on a GPU)."""
 
     name: str
 

@@ -175,6 +175,7 @@ class ChatSkill(ModelSkill):
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
         self._restart_lock = asyncio.Lock()
+        self._due = 0  # turns routed here and not yet started (chat first)
 
     def status(self) -> SkillStatus:
         st = super().status()
@@ -198,15 +199,35 @@ class ChatSkill(ModelSkill):
                 except ModelLoadError as exc:
                     raise SkillError("skill_unavailable", f"the chat model could not be restarted: {exc}") from exc
 
-    def expect(self) -> None:
-        """A turn was routed here: where chat goes first on a shared GPU, media holds from now
-        (``skills/chat_first.py``), not only once the prompt reaches the scheduler."""
+    def expect(self, turns: int = 1) -> None:
+        """``turns`` were routed here: where chat goes first on a shared GPU, media holds from now
+        until the last of them is handed to the scheduler (``skills/chat_first.py``), not only once
+        the prompts reach it."""
         first = self.worker.options.chat_first
-        if first is not None:
-            first.expect()
+        if first is None:
+            return
+        if not first.expecting:  # lapsed: turns that never started (cancelled first) are forgotten
+            self._due = 0
+        self._due += turns
+        first.expect()
+
+    def _started(self) -> None:
+        first = self.worker.options.chat_first
+        if first is None:
+            return
+        self._due = max(0, self._due - 1)
+        if self._due:
+            first.expect()  # the rest of the burst is still to start
+        else:
+            first.expected_done()
 
     async def run(self, request: SkillRequest) -> ChatRun:
-        self.expect()  # a burst's turns start one after another: each keeps the expectation up
+        try:
+            return await self._run(request)
+        finally:
+            self._started()
+
+    async def _run(self, request: SkillRequest) -> ChatRun:
         await self.wait_ready()
         await self._restart_if_exited()
         history = [*request.history, HistoryItem(role="user", text=request.text)]

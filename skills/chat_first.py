@@ -8,9 +8,11 @@ its slice. On the H200 mixed-load run (bench/README.md), 64 chat turns' time to 
 ``ChatFirst`` is one integer and one deadline in shared memory, made in the web process and handed to
 the model processes when they are spawned. The chat model's slot scheduler sets the integer while
 prompts wait for prefill (and a slot is free for them) and clears it when they are in. Before that,
-the web process sets the deadline (``expect``) when it routes a chat turn and again when it starts
-it: the prompts of a burst are on their way, and the GPU should be free of media work when the
-first arrives (admitting and starting a 64-turn burst took 35-55 ms on the H200 mixed run). The
+the web process sets the deadline (``expect``) when it routes chat turns, renews it as it starts
+each, and clears it once the last has been handed over (``ChatSkill``): the prompts of a burst are
+on their way, and the GPU should be free of media work when the first arrives (admitting and
+starting a 64-turn burst took 35-55 ms on the H200 mixed run). A lone turn clears it a millisecond
+or two after routing it. The
 static Whisper decoder and the vision model's ``generate`` call ``hold()`` before each step: it
 returns at once when neither is up; otherwise it waits for both to clear, at most ``max_hold_s``. A hold that reaches that bound
 leaves media ``min_run_s`` without holds. So media pauses while a burst of chat turns is prefilled
@@ -28,7 +30,7 @@ from typing import Any
 
 MAX_HOLD_S = 0.1  # longest a media step waits for chat prompts
 MIN_RUN_S = 0.05  # after a hold that lasted MAX_HOLD_S, media runs this long without one
-EXPECT_S = 0.05  # how long a routed chat turn keeps media waiting for its prompt to reach the scheduler
+EXPECT_S = 0.05  # at most this long after routing or starting a chat turn, media waits for the rest to start
 POLL_S = 0.0005
 
 
@@ -47,8 +49,16 @@ class ChatFirst:
         self._flag.value = int(waiting)
 
     def expect(self, within_s: float = EXPECT_S) -> None:
-        """The web process: a chat turn was routed or started; its prompt reaches the scheduler soon."""
+        """The web process: chat turns were routed, their prompts reach the scheduler soon."""
         self._expected.value = time.monotonic() + within_s
+
+    def expected_done(self) -> None:
+        """The web process: the expected prompts are all handed to the scheduler."""
+        self._expected.value = 0.0
+
+    @property
+    def expecting(self) -> bool:
+        return time.monotonic() < self._expected.value
 
     @property
     def waiting(self) -> bool:

@@ -100,10 +100,10 @@ class _ExpectingSkill(ModelFreeSkill):
 
     def __init__(self, name: str, first: ChatFirst | None) -> None:
         super().__init__()
-        self.name, self.first, self.held_at_run, self.expected = name, first, [], 0
+        self.name, self.first, self.held_at_run, self.expected = name, first, [], []
 
-    def expect(self) -> None:
-        self.expected += 1
+    def expect(self, turns: int) -> None:
+        self.expected.append(turns)
         if self.first is not None:
             self.first.expect(30.0)
 
@@ -124,8 +124,8 @@ class _OneWord:
 
 
 def test_admitting_a_burst_of_chat_turns_expects_their_prompts_before_any_runs(tmp_path: Path) -> None:
-    """A burst's admission tells the chat skill once, before the first of its turns runs; a burst
-    with no chat turn does not tell it."""
+    """A burst's admission tells the chat skill once how many turns it will run, before the first
+    runs; a burst with no chat turn does not tell it."""
     import asyncio
 
     from assistant import protocol as p
@@ -157,8 +157,49 @@ def test_admitting_a_burst_of_chat_turns_expects_their_prompts_before_any_runs(t
             await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
-    assert chat.expected == 1 and chat.held_at_run == [True] * 4
-    assert other.expected == 2 and len(other.held_at_run) == 2
+    assert chat.expected == [4] and chat.held_at_run == [True] * 4
+    assert other.expected == [1, 1] and len(other.held_at_run) == 2
+
+
+def test_the_chat_skill_holds_media_until_the_last_expected_turn_is_handed_over(tmp_path: Path) -> None:
+    """``ChatSkill.expect(n)`` holds media until n turns have started (their prompts are with the
+    scheduler, whose flag takes over), then at once lets it go: a lone turn costs media next to
+    nothing. An expectation that lapses forgets turns that never started."""
+    import asyncio
+
+    from skills.base import HistoryItem
+    from skills.chat import ChatSkill
+
+    first = ChatFirst()
+    model = build_tiny_chat_model(tmp_path / "chat", layers=2, hidden=32, weight_std=0.35)
+    options = ChatWorkerOptions(model=str(model), device="cpu", max_new_tokens=4, context_tokens=64, engine="slots",
+                                chat_first=first)  # fmt: skip
+    skill = ChatSkill(options, system_prompt=None, context_tokens=64)
+
+    async def scenario() -> list[bool]:
+        await skill.start()
+        seen = []
+        skill.expect(3)
+        for i in range(3):
+            seen.append(first.expecting)
+            run = await skill.run(SkillRequest("s", f"t{i}", "hi", (HistoryItem("user", "earlier"),), ()))
+            async for _ in run:
+                pass
+        seen.append(first.expecting)
+        skill.expect(2)  # two turns routed, one never starts (cancelled first) ...
+        run = await skill.run(SkillRequest("s", "t3", "hi", (), ()))
+        async for _ in run:
+            pass
+        seen.append(first.expecting)
+        await asyncio.sleep(0.08)  # ... the expectation lapses
+        seen.append(first.expecting)
+        skill.expect(1)
+        await skill.run(SkillRequest("s", "t4", "hi", (), ()))
+        seen.append(first.expecting)  # the forgotten turn does not keep media held
+        await skill.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, True, False, True, False, False]
 
 
 def test_the_slot_scheduler_raises_the_flag_while_prompts_wait_for_prefill(tmp_path: Path) -> None:
