@@ -1,4 +1,4 @@
-"""Chat first on a shared GPU: the speech and vision models hold back while chat prompts wait for prefill.
+"""Chat first on a shared GPU: the speech and vision models hold back while chat prompts are due.
 
 Each model runs in a process of its own, so each has its own CUDA context, and a GPU time-slices
 contexts: while the speech or vision process has kernels queued, the chat model's prefill waits for
@@ -12,12 +12,12 @@ the web process sets the deadline (``expect``) when it routes chat turns, renews
 each, and clears it once the last has been handed over (``ChatSkill``): the prompts of a burst are
 on their way, and the GPU should be free of media work when the first arrives (admitting and
 starting a 64-turn burst took 35-55 ms on the H200 mixed run). A lone turn clears it a millisecond
-or two after routing it. The
-static Whisper decoder and the vision model's ``generate`` call ``hold()`` before each step: it
-returns at once when neither is up; otherwise it waits for both to clear, at most ``max_hold_s``. A hold that reaches that bound
-leaves media ``min_run_s`` without holds. So media pauses while a burst of chat turns is prefilled
-(the flag may clear and rise again between the burst's prefill groups), and chat prompts that keep
-waiting cannot starve it. Media work already queued on the GPU (one step) still runs.
+or two after routing it. The static Whisper decoder and the vision model's ``generate`` call
+``hold()`` before each step: it returns at once when neither is up; otherwise it waits for both to
+clear, at most ``max_hold_s``. A hold that reaches that bound leaves media ``min_run_s`` without
+holds. So media pauses while a burst of chat turns is admitted and prefilled (the flag may clear
+and rise again between the burst's prefill groups), and chat prompts that keep waiting cannot
+starve it. Media work already queued on the GPU (one step) still runs.
 
 Transformers' own continuous-batching engine has no hook for this: with it, the flag stays clear.
 """
