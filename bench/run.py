@@ -156,7 +156,9 @@ def chat_runs(srv: ServerProcess, concurrency: list[int], cap_s: float, warm: in
 
 
 def web_process(workdir: Path, sessions: int, words: int, idle: int) -> dict:
-    srv = ServerProcess("flood", ["--mode", "flood", "--flood-words", str(words), "--flush-interval", "0"], workdir, free_port())
+    # A frame per word and no cap on frames a second: what the web process can send, not what it chooses to.
+    args = ["--mode", "flood", "--flood-words", str(words), "--flush-interval", "0", "--frames-per-s", "0"]
+    srv = ServerProcess("flood", args, workdir, free_port())
     try:
         asyncio.run(load.chat_load(srv.ws, srv.token, 2))
         before, cpu0 = load.server_metrics(srv.http), srv.cpu_s()
