@@ -3,9 +3,11 @@ wait for prefill; speech and vision steps, in processes of their own, wait on it
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,23 @@ def _media_process(first: ChatFirst, conn: Any) -> None:
         conn.send(first.hold())
 
 
-def test_a_media_process_waits_while_chat_prompts_wait_and_never_longer_than_its_bound() -> None:
-    first = ChatFirst(max_hold_s=0.6, min_run_s=30.0)
+@contextlib.contextmanager
+def media_process(first: ChatFirst) -> Iterator[Any]:
+    """``_media_process`` spawned with ``first``: send it "hold", receive the seconds it waited."""
     ctx = multiprocessing.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_media_process, args=(first, child), daemon=True)
     proc.start()
     try:
+        yield conn
+    finally:
+        conn.send("stop")
+        proc.join(10)
+
+
+def test_a_media_process_waits_while_chat_prompts_wait_and_never_longer_than_its_bound() -> None:
+    first = ChatFirst(max_hold_s=0.6, min_run_s=30.0)
+    with media_process(first) as conn:
         conn.send("hold")
         assert conn.recv() == 0.0  # no chat prompt waits: no wait at all
         first.set(True)
@@ -52,9 +64,6 @@ def test_a_media_process_waits_while_chat_prompts_wait_and_never_longer_than_its
         assert 0.55 < waited < 1.5, waited  # ... for at most the bound, as they keep waiting
         conn.send("hold")
         assert conn.recv() == 0.0  # then media has its run
-    finally:
-        conn.send("stop")
-        proc.join(10)
 
     stuck = ChatFirst(max_hold_s=0.2, min_run_s=0.0)
     stuck.set(True)  # a flag never cleared (a chat process that died mid-prefill) costs each step at most the bound
@@ -68,11 +77,7 @@ def test_a_routed_chat_turn_holds_media_until_its_prompt_is_due() -> None:
     next step waits from then, before the chat scheduler has seen the prompt, until the expectation
     lapses (or the scheduler's flag takes over), never longer than the bound."""
     first = ChatFirst(max_hold_s=0.6, min_run_s=0.0)
-    ctx = multiprocessing.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_media_process, args=(first, child), daemon=True)
-    proc.start()
-    try:
+    with media_process(first) as conn:
         conn.send("hold")
         assert conn.recv() == 0.0
         first.expect(0.25)
@@ -90,9 +95,6 @@ def test_a_routed_chat_turn_holds_media_until_its_prompt_is_due() -> None:
         first.expect(5.0)
         conn.send("hold")
         assert 0.55 < conn.recv() < 1.5  # an expectation never met costs at most the bound
-    finally:
-        conn.send("stop")
-        proc.join(10)
 
 
 class _ExpectingSkill(ModelFreeSkill):
