@@ -1,8 +1,8 @@
 """The web process's cost per chat output: from the model process's message to the text delta.
 
 Drives the real pieces with no model: ``ChatProcessWorker._dispatch`` (what the reader thread
-schedules on the event loop for each message from the model process) hands one new token per
-stream to each ``ChatRun``, which wakes, detokenizes with a 151,936-token byte-level BPE tokenizer
+schedules on the event loop for each message from the model process) hands one new token (or
+``--tokens-per-message``) per stream to each ``ChatRun``, which wakes, detokenizes with a 151,936-token byte-level BPE tokenizer
 (Qwen2.5's vocabulary size) and yields its delta. Each step lets the loop run until every run has
 taken its output, so every output is one wake-up and one delta, as when the engine's steps are
 slower than the loop. Prints the event loop's CPU time per output (process time, medians of rounds).
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 VOCAB = 151_936
 
 
-async def one_round(worker, streams: int, steps: int, seed: int) -> tuple[float, int]:  # noqa: ANN001
+async def one_round(worker, streams: int, steps: int, seed: int, per_message: int = 1) -> tuple[float, int]:  # noqa: ANN001
     from skills.chat import ChatRun
 
     worker._loop = asyncio.get_running_loop()
@@ -48,9 +48,11 @@ async def one_round(worker, streams: int, steps: int, seed: int) -> tuple[float,
     await asyncio.sleep(0)
     stats = {"steps": 0, "max_concurrent": streams, "kv_free": 1.0, "active": []}
     started = time.process_time()
-    for step in range(steps):
-        done = step == steps - 1
-        worker._dispatch(("out", [(r.request_id, [rng.randrange(3, VOCAB)], done, None) for r in runs], stats))
+    for step in range(0, steps, per_message):
+        done = step + per_message >= steps
+        new = min(per_message, steps - step)
+        items = [(r.request_id, [rng.randrange(3, VOCAB) for _ in range(new)], done, None) for r in runs]
+        worker._dispatch(("out", items, stats))
         for _ in range(4):  # every run takes its output before the next step
             await asyncio.sleep(0)
     await asyncio.gather(*tasks)
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens-per-message", type=int, default=1,
+                    help="new tokens per stream in each message (the pump's cadence over the step time: 10 ms / 2.1 ms ~ 5)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -78,13 +82,13 @@ def main() -> None:
     worker.is_running = lambda: True  # no model process: the loop's side alone
     per_output = []
     for i in range(args.rounds):
-        cpu, deltas = asyncio.run(one_round(worker, args.streams, args.steps, i))
+        cpu, deltas = asyncio.run(one_round(worker, args.streams, args.steps, i, args.tokens_per_message))
         per_output.append(cpu * 1e6 / (args.streams * args.steps))
     result = {
         "command": "python bench/chat_path.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "streams": args.streams, "steps": args.steps, "vocab": VOCAB,
-        "loop_cpu_us_per_output": [round(x, 1) for x in per_output],
+        "streams": args.streams, "steps": args.steps, "vocab": VOCAB, "tokens_per_message": args.tokens_per_message,
+        "loop_cpu_us_per_output": [round(x, 1) for x in per_output],  # per token (one output per token when 1)
         "median_us_per_output": round(statistics.median(per_output), 1),
     }  # fmt: skip
     print(json.dumps(result, indent=2))

@@ -72,3 +72,91 @@ def test_a_crashed_model_process_fails_the_turn_and_the_next_turn_restarts_it(pr
     assert second["status"] == "cancelled" and second["usage"]["completion_tokens"] > 0
     assert worker._proc.pid != old_pid and worker._proc.is_alive()
     assert chat_state(proc_server) == "ready"
+
+
+class _Out:
+    """An output as the library engine gives it: every token so far."""
+
+    def __init__(self, request_id: str, tokens: list[int], finished: bool = False) -> None:
+        self.request_id, self.generated_tokens, self._finished, self.error = request_id, tokens, finished, None
+
+    def is_finished(self) -> bool:
+        return self._finished
+
+
+class _Feed:
+    """The pump's side of a scheduler (outputs the test puts in) and of the pipe (messages it sent)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.outputs: queue.Queue = queue.Queue()
+        self.messages: queue.Queue = queue.Queue()
+        self._manager, self.steps, self.max_concurrent_requests = self, 0, 0
+
+    def get_result(self, timeout: float | None = None) -> _Out | None:
+        import queue
+
+        try:
+            return self.outputs.get(timeout=timeout) if timeout else self.outputs.get_nowait()
+        except queue.Empty:
+            return None
+
+    def kv_free_fraction(self) -> float:
+        return 1.0
+
+    def active_request_ids(self) -> set[str]:
+        return set()
+
+    def send(self, msg: tuple) -> None:
+        if msg[1]:  # messages with tokens (stats-only ones go out when idle)
+            self.messages.put([(rid, new, done) for rid, new, done, _ in msg[1]])
+
+    def next(self, timeout: float = 5.0) -> list[tuple]:
+        return self.messages.get(timeout=timeout)
+
+
+def test_the_pump_sends_first_tokens_and_ends_at_once_and_the_rest_together() -> None:
+    """Each message of new tokens wakes every stream it names on the web process's event loop, so the
+    model process sends them at most every ``SEND_EVERY``; a request's first tokens (its time to first
+    token) and its end go at once, with whatever else is pending, and no token is lost or repeated."""
+    import queue
+    import threading
+    from collections import deque
+
+    from skills.chat_process import _pump
+
+    feed, stop = _Feed(), threading.Event()
+    pump = threading.Thread(target=_pump, args=(feed, feed, threading.Lock(), stop, deque()), kwargs={"every": 30.0})
+    pump.start()
+    try:
+        feed.outputs.put(_Out("a", [1]))
+        assert feed.next() == [("a", [1], False)]  # a's first token: at once
+        feed.outputs.put(_Out("a", [1, 2]))
+        feed.outputs.put(_Out("a", [1, 2, 3]))
+        with pytest.raises(queue.Empty):
+            feed.next(timeout=0.3)  # held: not a first token, not an end
+        feed.outputs.put(_Out("b", [9]))
+        assert sorted(feed.next()) == [("a", [2, 3], False), ("b", [9], False)]  # b's first, with a's pending
+        feed.outputs.put(_Out("b", [9, 10]))
+        feed.outputs.put(_Out("a", [1, 2, 3, 4], finished=True))
+        assert sorted(feed.next()) == [("a", [4], True), ("b", [10], False)]  # a's end, at once
+    finally:
+        stop.set()
+        pump.join(5)
+
+    feed, stop = _Feed(), threading.Event()  # the usual cadence: held tokens go out within it
+    pump = threading.Thread(target=_pump, args=(feed, feed, threading.Lock(), stop, deque()), kwargs={"every": 0.05})
+    pump.start()
+    try:
+        feed.outputs.put(_Out("c", [5]))
+        assert feed.next() == [("c", [5], False)]
+        for n in range(6, 12):
+            feed.outputs.put(_Out("c", list(range(5, n + 1))))
+        got = []
+        while got[-1:] != [11]:
+            got += [t for _, new, _ in feed.next(timeout=2.0) for t in new]
+        assert got == list(range(6, 12))
+    finally:
+        stop.set()
+        pump.join(5)
