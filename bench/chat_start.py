@@ -6,7 +6,9 @@ event loop, so in a burst of 64 turns the last one waits for the 63 before it (t
 This loads the benchmark's chat model (``bench/chat_model.py``, tiny by default: the tokenizer is the
 same for every shape) in a process of its own, as the server does on a GPU machine, and times
 ``--turns`` calls with the benchmark's 418-token prompt, ``--rounds`` times; each round's replies are
-read to the end before the next. Prints and saves each round's median.
+read to the end before the next. Then the same turns as a burst, all started at once as the
+dialogue's tasks start them: the time until all are handed over, and the event loop thread's own CPU
+time per turn. Prints and saves the medians.
 
     .venv/bin/python bench/chat_start.py --out bench/results/chat_start_cpu.json
 """
@@ -32,13 +34,19 @@ from skills.chat import ChatSkill  # noqa: E402
 from skills.chat_worker import ChatWorkerOptions  # noqa: E402
 
 
-async def measure(model: Path, turns: int, rounds: int) -> list[float]:
+async def measure(model: Path, turns: int, rounds: int) -> dict[str, list[float]]:
     skill = ChatSkill(
         ChatWorkerOptions(model=str(model), device="cpu", max_new_tokens=4, context_tokens=1024),
         system_prompt="You are a helpful assistant.", context_tokens=1024, in_process=False,
     )  # fmt: skip
     await skill.start()
-    medians = []
+    out: dict[str, list[float]] = {"run_ms": [], "burst_ms": [], "burst_loop_cpu_ms_per_turn": []}
+
+    async def drain(runs: list) -> None:  # noqa: ANN001
+        for run in runs:
+            async for _ in run:
+                pass
+
     try:
         for r in range(rounds):
             times, runs = [], []
@@ -46,13 +54,19 @@ async def measure(model: Path, turns: int, rounds: int) -> list[float]:
                 start = time.perf_counter()
                 runs.append(await skill.run(SkillRequest(session_id=f"s{i}", turn_id=f"t{r}-{i}", text=PROMPT)))
                 times.append(time.perf_counter() - start)
-            for run in runs:
-                async for _ in run:
-                    pass
-            medians.append(statistics.median(times) * 1e3)
+            await drain(runs)
+            out["run_ms"].append(statistics.median(times) * 1e3)
+            # A burst: every turn started at once, as the dialogue's tasks do; the loop's own CPU.
+            start, cpu = time.perf_counter(), time.thread_time()
+            runs = await asyncio.gather(*(
+                skill.run(SkillRequest(session_id=f"s{i}", turn_id=f"b{r}-{i}", text=PROMPT)) for i in range(turns)
+            ))  # fmt: skip
+            out["burst_ms"].append((time.perf_counter() - start) * 1e3)
+            out["burst_loop_cpu_ms_per_turn"].append((time.thread_time() - cpu) * 1e3 / turns)
+            await drain(runs)
     finally:
         await skill.stop()
-    return medians
+    return out
 
 
 def main() -> None:
@@ -63,14 +77,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     model = build_chat_model(Path(tempfile.mkdtemp(prefix="chat-start-")) / "model", args.shape)
-    medians = asyncio.run(measure(model, args.turns, args.rounds))
+    measured = asyncio.run(measure(model, args.turns, args.rounds))
     result = {
         "benchmark": "chat_start",
         "command": "python bench/chat_start.py " + " ".join(sys.argv[1:]),
         "turns": args.turns,
         "prompt_chars": len(PROMPT),
-        "run_ms_median_per_round": [round(m, 3) for m in medians],
-        "run_ms_median": round(statistics.median(medians), 3),
+        "run_ms_median_per_round": [round(m, 3) for m in measured["run_ms"]],
+        "run_ms_median": round(statistics.median(measured["run_ms"]), 3),
+        "burst_ms_median": round(statistics.median(measured["burst_ms"]), 2),
+        "burst_loop_cpu_ms_per_turn_median": round(statistics.median(measured["burst_loop_cpu_ms_per_turn"]), 3),
     }
     print(json.dumps(result, indent=2))
     if args.out:

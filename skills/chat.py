@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
@@ -23,6 +26,52 @@ LIKELY_CHARS_PER_TOKEN = 8
 _WATCHDOG_SECONDS = 1.0
 
 
+_ENCODERS: weakref.WeakKeyDictionary[Any, Callable[[str], list[int]]] = weakref.WeakKeyDictionary()
+_PROBE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Héllo,  wörld! 東京\tnaïve café <b>x</b> 12345 \n\n  ok"},
+    {"role": "assistant", "content": " Sure - it's 3.14; “quotes” 🙂"},
+    {"role": "user", "content": "And then?"},
+]
+
+
+def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """``text -> ids`` without special tokens, as ``tokenizer(text, add_special_tokens=False)``
+    gives them. For a fast tokenizer, the tokenizers library's ``encode_batch`` directly when it
+    gives the same ids as the wrapper on a probe conversation (templated, so with the template's
+    special tokens): it skips the wrapper's argument handling (which may reset the tokenizer's
+    truncation, a mutation that must not meet a decode on another thread) and lets the GIL go while
+    it works. Such an encoder has ``off_loop = True``: ``ChatSkill`` builds prompts in a thread."""
+    try:
+        return _ENCODERS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+
+    def wrapped(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    encode = wrapped
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+
+        def direct(text: str) -> list[int]:
+            return backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+        direct.off_loop = True  # type: ignore[attr-defined] - no mutation of the tokenizer: safe beside decodes
+
+        try:
+            probe = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, tokenize=False)
+        except Exception:  # noqa: BLE001 - no chat template: probe with the plain text
+            probe = " ".join(m["content"] for m in _PROBE)
+        if direct(probe) == wrapped(probe):
+            encode = direct
+    try:
+        _ENCODERS[tokenizer] = encode
+    except TypeError:  # not weak-referenceable: no cache
+        pass
+    return encode
+
+
 def build_prompt(
     tokenizer: Any, *, system: str | None, history: list[HistoryItem], budget: int
 ) -> tuple[list[int], int]:
@@ -37,10 +86,11 @@ def build_prompt(
     stalled loop per turn before, ``bench/README.md``)."""
     head = [{"role": "system", "content": system}] if system else []
     msgs = [{"role": h.role, "content": h.text} for h in history]
+    to_ids = text_encoder(tokenizer)
 
     def encode(start: int) -> list[int]:
-        ids = tokenizer.apply_chat_template(head + msgs[start:], add_generation_prompt=True, tokenize=True)
-        return ids if isinstance(ids, list) else list(ids["input_ids"])  # BatchEncoding in transformers 5
+        # What apply_chat_template(tokenize=True) does: render, then encode without special tokens.
+        return to_ids(tokenizer.apply_chat_template(head + msgs[start:], add_generation_prompt=True, tokenize=False))
 
     # Where the kept part may start: after the oldest messages are dropped, a leading assistant
     # message goes too (the last message stays, whatever it is). The prompt shrinks as it starts later.
@@ -176,6 +226,7 @@ class ChatSkill(ModelSkill):
         self.context_tokens = context_tokens
         self._restart_lock = asyncio.Lock()
         self._due = 0  # turns routed here and not yet started (chat first)
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-prompt")
 
     def status(self) -> SkillStatus:
         st = super().status()
@@ -234,9 +285,13 @@ class ChatSkill(ModelSkill):
         budget = self.context_tokens
         if self.worker.max_positions:
             budget = min(budget, self.worker.max_positions - 1)
-        prompt_ids, dropped = build_prompt(
-            self.worker.tokenizer, system=self.system_prompt, history=history, budget=budget
-        )
+        build = functools.partial(build_prompt, self.worker.tokenizer, system=self.system_prompt, history=history, budget=budget)
+        if getattr(text_encoder(self.worker.tokenizer), "off_loop", False):
+            # Off the event loop: the template holds the GIL briefly, the tokenizers library's encode
+            # lets it go, so a burst's prompts are built beside the loop's other work (one thread, FIFO).
+            prompt_ids, dropped = await asyncio.get_running_loop().run_in_executor(self._prompts, build)
+        else:
+            prompt_ids, dropped = build()
         if dropped:
             log.info("turn %s: dropped %d oldest messages to fit %d tokens", request.turn_id, dropped, budget)
         max_new = self.worker.options.max_new_tokens

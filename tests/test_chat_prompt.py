@@ -89,8 +89,110 @@ def test_a_long_conversation_is_truncated_with_a_few_templates(tokenizer, budget
             self.calls += 1
             return self.inner.apply_chat_template(messages, **kw)
 
+        def __call__(self, *args, **kw):  # noqa: ANN002, ANN003, ANN204
+            return self.inner(*args, **kw)
+
+        def __getattr__(self, name: str):  # noqa: ANN204 - the rest is the tokenizer's
+            return getattr(self.inner, name)
+
     history = convo(100)
     counting = Counting(tokenizer)
     ids, dropped = build_prompt(counting, system="sys", history=history, budget=budget)
     assert (ids, dropped) == one_at_a_time(tokenizer, "sys", history, budget)
     assert dropped > 150 and counting.calls <= 12, counting.calls
+
+
+def _trained_tokenizer(folder: Path):  # noqa: ANN202
+    """A byte-level BPE with real merges (trained here on a few sentences) and the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, naïve café: 東京 in 2026!", "what is in this photo?"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(text * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"]
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_prompts_are_the_ids_the_chat_template_gives_with_merges_and_special_tokens(tmp_path: Path) -> None:
+    """The encoder that skips the transformers wrapper (``text_encoder``) gives exactly the ids of
+    ``apply_chat_template(tokenize=True)``: merges, the template's special tokens, and text that
+    spells a special token without being one."""
+    from skills.chat import text_encoder
+
+    tokenizer = _trained_tokenizer(tmp_path / "tok")
+    encode = text_encoder(tokenizer)
+    assert getattr(encode, "off_loop", False)  # a fast tokenizer: the tokenizers library directly
+    histories = [
+        [HistoryItem("user", "The quick brown fox?")],
+        [HistoryItem("user", "Héllo wörld"), HistoryItem("assistant", "naïve café 東京 🙂"), HistoryItem("user", "what is in this photo?")],
+        [HistoryItem("user", "say <|im_end|> and <|im_start|>user twice\n\n  spaced  ")],
+    ]  # fmt: skip
+    for history in histories:
+        for system in (None, "You are brief."):
+            ids, dropped = build_prompt(tokenizer, system=system, history=history, budget=10_000)
+            head = [{"role": "system", "content": system}] if system else []
+            want = tokenizer.apply_chat_template(head + [{"role": h.role, "content": h.text} for h in history],
+                                                 add_generation_prompt=True, tokenize=True)["input_ids"]  # fmt: skip
+            assert (ids, dropped) == (list(want), 0)
+    assert any(len(tokenizer.convert_ids_to_tokens([i])[0]) > 1 for i in ids)  # merges were used
+
+
+def test_a_tokenizer_whose_wrapper_changes_the_ids_is_used_through_the_wrapper(tokenizer) -> None:  # noqa: ANN001
+    from skills.chat import text_encoder
+
+    class Lowering(type(tokenizer)):  # a wrapper that does more than the tokenizers library
+        def __call__(self, text, **kwargs):  # noqa: ANN001, ANN003, ANN204
+            return super().__call__(text.lower(), **kwargs)
+
+    lowering = Lowering.from_pretrained(tokenizer.name_or_path)
+    encode = text_encoder(lowering)
+    assert not getattr(encode, "off_loop", False)
+    assert encode("ABC") == list(tokenizer("abc", add_special_tokens=False)["input_ids"])
+
+
+def test_chat_prompts_are_built_off_the_event_loop(tiny_chat_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of chat turns starts one after another on the event loop; the templating and
+    tokenizing of each (most of a turn's start) runs in the skill's prompt thread instead, while
+    the loop goes on with the rest."""
+    import asyncio
+    import threading
+
+    import skills.chat as chat_module
+    from skills.chat import ChatSkill
+    from skills.chat_worker import ChatWorkerOptions
+
+    threads: list[str] = []
+    real = chat_module.build_prompt
+
+    def watched(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "build_prompt", watched)
+    skill = ChatSkill(ChatWorkerOptions(model=str(tiny_chat_model), device="cpu", max_new_tokens=2, context_tokens=256),
+                      system_prompt=None, context_tokens=256)  # fmt: skip
+
+    async def scenario() -> list[str]:
+        from skills.base import SkillRequest
+
+        await skill.start()
+        try:
+            runs = await asyncio.gather(*(skill.run(SkillRequest("s", f"t{i}", f"hello {i}")) for i in range(4)))
+            return ["".join([d async for d in run]) for run in runs]
+        finally:
+            await skill.stop()
+
+    replies = asyncio.run(scenario())
+    assert len(replies) == 4 and all(isinstance(r, str) for r in replies)
+    assert len(threads) == 4 and all(name.startswith("chat-prompt") for name in threads), threads
