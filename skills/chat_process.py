@@ -4,9 +4,9 @@ The model, transformers' continuous-batching loop and torch live in a child proc
 CUDA starts clean there); the web process keeps only the tokenizer. Requests and cancels go down a
 pipe; new tokens come back in batches (one message for every request that advanced, at most every
 ``SEND_EVERY``, first tokens and ends at once), with the scheduler's occupancy, read by a thread
-that hands them to the event loop. So the batching loop's
-Python work never holds the web process's GIL, and a crash of the model process fails the running
-turns with a typed error instead of taking the server down.
+that hands them to the event loop. So the batching loop's Python work never holds the web
+process's GIL, and a crash of the model process fails the running turns with a typed error
+instead of taking the server down.
 
 Same interface as ``skills.chat_worker.ChatWorker`` (the in-process transport), which the child
 runs unchanged.
