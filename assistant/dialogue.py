@@ -394,7 +394,7 @@ class DialogueManager:
                 position = msgs[-1].position + 1 if msgs else 0
                 turn.started = it.received
                 try:
-                    turn.routing = self._decide(db, turn, msgs, refs.get(turn.session_id))
+                    turn.routing = self._decide(db, turn, msgs, refs.get(turn.session_id, {}))  # read above if any
                     reply = self._routed_fields(turn.routing[0], cancelled=False)
                 except UnknownSkill:  # a /command naming no skill: _run_turn fails the turn
                     pass
