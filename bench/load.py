@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -237,6 +238,15 @@ async def _vision_client(http: str, url: str, token: str, image: bytes, stop: as
             latencies.append((time.perf_counter() - t) * 1000)
 
 
+async def until(done: Callable[[], bool], tasks: list[asyncio.Task], poll: float = 0.05) -> None:
+    """Wait until ``done()``, raising the error of any of ``tasks`` (clients) that failed meanwhile."""
+    while not done():
+        await asyncio.sleep(poll)
+        for task in tasks:
+            if task.done() and task.exception():
+                raise task.exception()
+
+
 def median_round(runs: list[dict]) -> dict:
     """Of several ``chat_load`` rounds, the one with the median TTFT p95 (the upper median), with
     every round's p95 added as ``ttft_p95_rounds_ms``."""
@@ -302,11 +312,8 @@ def media_clients(  # noqa: PLR0913
         vision_ms: list[float] = []
         tasks = [asyncio.create_task(_speech_client(url, token, pcm, stop, speech_ms)) for _ in range(speech_streams)]
         tasks += [asyncio.create_task(_vision_client(http, url, token, image, stop, vision_ms)) for _ in range(vision_streams)]
-        while len(speech_ms) < speech_streams or len(vision_ms) < vision_streams:
-            await asyncio.sleep(0.05)  # every media client has finished one request: the load is steady
-            for task in tasks:
-                if task.done() and task.exception():
-                    raise task.exception()
+        # Every media client has finished one request: the load is steady.
+        await until(lambda: len(speech_ms) >= speech_streams and len(vision_ms) >= vision_streams, tasks)
         counts = len(speech_ms), len(vision_ms)
         conn.send(("steady",))
         await asyncio.to_thread(conn.recv)

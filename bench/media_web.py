@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from bench.load import _speech_client, _vision_client  # noqa: E402
+from bench.load import _speech_client, _vision_client, until  # noqa: E402
 from bench.run import ServerProcess, free_port, media_inputs  # noqa: E402
 
 STREAMS = 8  # clients of each kind at once
@@ -43,14 +43,9 @@ async def drive(kind: str, srv: ServerProcess, n: int, pcm: bytes, image: bytes)
     else:
         clients = [_vision_client(srv.http, srv.ws, srv.token, image, stop, done) for _ in range(STREAMS)]
     tasks = [asyncio.create_task(c) for c in clients]
-    while len(done) < STREAMS:  # each client's first request (connect, upload) is not counted
-        await asyncio.sleep(0.01)
-        for t in tasks:
-            if t.done() and t.exception():
-                raise t.exception()
+    await until(lambda: len(done) >= STREAMS, tasks, 0.01)  # each client's first request (connect, upload) is not counted
     start, cpu, t0 = len(done), cpu_s(srv), time.perf_counter()
-    while len(done) - start < n:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(done) - start >= n, tasks, 0.01)  # a client that fails ends the run with its error
     used, wall = [b - a for a, b in zip(cpu, cpu_s(srv))], time.perf_counter() - t0
     counted = len(done) - start
     stop.set()
