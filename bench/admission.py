@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,19 +75,13 @@ def main() -> None:
         def start_spy() -> None:
             nonlocal spy
             cpu["start"] = server.cpu_s()
-            tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-            if args.py_spy and tool:
-                spy = subprocess.Popen(
-                    [tool, "record", "-p", str(server.pid), "-r", "1000", "-f", "raw", "-o", str(workdir / "spy.raw"),
-                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+            if args.py_spy:
+                spy = server.sample(workdir / "spy.raw")
 
         runs = asyncio.run(bursts(server.ws, server.token, args.bursts, start_spy))
         cpu["end"] = server.cpu_s()
     finally:
-        if spy is not None:
-            spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
-            spy.wait(30)
+        server.end_sample(spy)
         server.stop()
     result = {
         "command": "python bench/admission.py " + " ".join(sys.argv[1:]),

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +71,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96, help="counted requests of each kind")
     ap.add_argument("--kinds", nargs="+", default=["speech", "vision"], choices=["speech", "vision"])
     ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy")
-    ap.add_argument("--native", action="store_true", help="py-spy: sample native frames too")
+    ap.add_argument("--native", action="store_true", help="py-spy: native frames too (pauses the server: CPU figures inflate)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from bench.speech_rtf import build_model as build_whisper
@@ -90,11 +88,8 @@ def main() -> None:
                     "cpus": psutil.cpu_count(), "streams": STREAMS, "audio_s": len(pcm) / 32000}  # fmt: skip
     spy = None
     try:
-        tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-        if args.py_spy and tool:
-            spy = subprocess.Popen([tool, "record", "-p", str(srv.pid), "-r", "1000", "-f", "raw", "-o",
-                                    str(workdir / "spy.raw"), *(["--native"] if args.native else ["--nonblocking"])],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        if args.py_spy:
+            spy = srv.sample(workdir / "spy.raw", native=args.native)
         idle = idle_rate(srv)
         result["idle_cpu_share"] = {"server": round(idle[0], 5), "loop": round(idle[1], 5)}
         for kind in args.kinds:
@@ -106,8 +101,7 @@ def main() -> None:
                   f"its event loop {loop:.2f} ms", flush=True)
     finally:
         if spy is not None:
-            spy.send_signal(2)
-            spy.wait(30)
+            srv.end_sample(spy)
             result["py_spy_raw"] = str(workdir / "spy.raw")
         srv.stop()
     print(json.dumps(result, indent=2))

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,23 @@ class ServerProcess:
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the server process has used so far."""
         return sum(psutil.Process(self.pid).cpu_times()[:2])
+
+    def sample(self, out: Path, *, native: bool = False) -> subprocess.Popen | None:
+        """Start py-spy on the server, writing raw samples to ``out`` when stopped with
+        ``end_sample`` (None: py-spy is not installed). ``native`` adds C frames, and py-spy then has
+        to pause the server for each sample, which inflates its CPU time."""
+        tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if tool is None:
+            return None
+        cmd = [tool, "record", "-p", str(self.pid), "-r", "1000", "-f", "raw", "-o", str(out)]
+        cmd.append("--native" if native else "--nonblocking")
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def end_sample(spy: subprocess.Popen | None) -> None:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled
+            spy.wait(30)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
