@@ -33,11 +33,17 @@ from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
 from state.attachments import BlobStore, attachment_refs, blob_refs, release_blobs, session_attachments
+from state.context import ContextRow
+from state.context import context as read_context
+from state.context import contexts as read_contexts
 from state.models import ChatSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
 HISTORY_REPLY_STATUSES = ("completed", "cancelled", "interrupted")
+# The text a turn reads of its session's history, per token of the chat prompt's budget: beyond what
+# any real text packs into that many tokens (English runs about four characters a token).
+HISTORY_CHARS_PER_TOKEN = 16
 TTFT_STAGES = ("admit", "start", "model", "send")  # see Metrics.ttft_stages
 
 
@@ -121,6 +127,9 @@ class DialogueManager:
         self.metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._runners: dict[str, _SessionRunner] = {}
+        # How much of a session a turn reads: at most what a chat prompt can hold (state.context).
+        chars = settings.history_chars
+        self._history_chars = (HISTORY_CHARS_PER_TOKEN * settings.chat_context_tokens if chars is None else chars) or None
         self._streaming = 0  # replies streaming now (their frames share delta_frames_per_s)
         self._admissions: list[_Admission] = []  # submitted this turn of the event loop
         self._writer = StreamWriter(sessions, self._fan_out)
@@ -381,7 +390,7 @@ class DialogueManager:
         if not admitted:
             return
         idle = {turn.session_id for it, turn in admitted if not it.busy}
-        contexts = store.contexts(db, session_ids=idle) if idle else {}
+        contexts = read_contexts(db, session_ids=idle, chars=self._history_chars) if idle else {}
         more = {sid for sid in idle if sid not in refs and mentions_attachments(contexts.get(sid, ()))}
         if more:  # earlier turns of these sessions named attachments: their images are labelled
             refs.update(attachment_refs(db, session_ids=more))
@@ -484,7 +493,7 @@ class DialogueManager:
                 del self._runners[session_id]
 
     def _decide(
-        self, db: Session, turn: _Turn, msgs: Sequence[Row], refs: Mapping[str, Row] | None = None
+        self, db: Session, turn: _Turn, msgs: Sequence[ContextRow], refs: Mapping[str, Row] | None = None
     ) -> tuple[Decision, list[HistoryItem]]:
         """Route ``turn`` given the session's messages before it (``store.context`` rows) and its
         attachments (``attachment_refs``; read here when None and a message names one); raises
@@ -526,23 +535,26 @@ class DialogueManager:
         )
 
     @staticmethod
-    def _session_state(msgs: Sequence[Row], refs: Mapping[str, Row]) -> tuple[SessionState, list[HistoryItem]]:
+    def _session_state(msgs: Sequence[ContextRow], refs: Mapping[str, Row]) -> tuple[SessionState, list[HistoryItem]]:
         images = image_context(refs, messages=msgs)
         items: list[HistoryItem] = []
         last_skill = None
         for m in msgs:
-            if m.role == "user":
+            if not m.recent:  # an older turn that named an image: read for the images alone
+                pass
+            elif m.role == "user":
                 items.append(HistoryItem("user", images.render_user(m)))
             elif m.status in HISTORY_REPLY_STATUSES and m.text:
                 items.append(HistoryItem("assistant", m.text))
             if m.role == "assistant" and m.skill:
                 last_skill = m.skill
-        # A user message whose reply failed has no answer; keep user/assistant alternating.
+        # A user message whose reply failed has no answer; keep user/assistant alternating, starting
+        # with the user (a history cut to what a prompt can hold may start with a reply).
         merged: list[HistoryItem] = []
         for it in items:
             if merged and merged[-1].role == it.role == "user":
                 merged[-1] = it
-            else:
+            elif merged or it.role == "user":
                 merged.append(it)
         state = SessionState(
             last_skill=last_skill,
@@ -564,7 +576,7 @@ class DialogueManager:
             else:
                 # Read the session, route, and store and log the decision in one transaction.
                 with self._db() as db:
-                    msgs = [m for m in store.context(db, session_id=turn.session_id) if m.position < turn.position]
+                    msgs = read_context(db, session_id=turn.session_id, chars=self._history_chars, before=turn.position)
                     try:
                         decision, history = self._decide(db, turn, msgs)
                     except UnknownSkill as exc:  # e.g. the skill was removed since the turn was queued

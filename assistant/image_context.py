@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from assistant.image_refs import is_follow_up
 from assistant.router import split_command
 from state.attachments import BlobStore
-from state.models import Attachment, Message
+from state.context import ContextRow
+from state.models import Attachment
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ImageContext:
     last_question: str | None  # the last question answered by VQA (follow-ups repeat it)
     labels: dict[str, str]  # turn_id -> "[image 1] " prefix for that turn's user message
 
-    def render_user(self, message: Message) -> str:
+    def render_user(self, message: ContextRow) -> str:
         label = self.labels.get(message.turn_id, "")
         return f"{label}{message.text}".strip() if label else message.text
 
@@ -37,12 +38,12 @@ def turn_attachments(refs: Mapping[str, Row], *, user_id: str, ids: Sequence[str
     return unknown, images
 
 
-def mentions_attachments(messages: Sequence[Message]) -> bool:
+def mentions_attachments(messages: Sequence[ContextRow]) -> bool:
     """Whether any of these messages names an attachment (only then are the session's looked up)."""
     return any(m.attachment_ids for m in messages)
 
 
-def image_context(refs: Mapping[str, Row], *, messages: Sequence[Message]) -> ImageContext:
+def image_context(refs: Mapping[str, Row], *, messages: Sequence[ContextRow]) -> ImageContext:
     """``refs``: the session's attachments (``attachment_refs``); may be empty when no message
     ``mentions_attachments``."""
     images = {i for i, a in refs.items() if a.kind == "image"}

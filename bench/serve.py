@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--flood-words", type=int, default=200)
     ap.add_argument("--flood-pace", type=float, default=0.0, help="flood: seconds between words")
     ap.add_argument("--frames-per-s", type=float, default=None, help="ASSISTANT_DELTA_FRAMES_PER_S (0: no cap)")
+    ap.add_argument("--history-chars", type=int, default=None, help="ASSISTANT_HISTORY_CHARS (0: the whole history)")
     ap.add_argument("--chat-first", choices=["auto", "on", "off"], default="auto", help="speech and vision hold for chat prefill")
     ap.add_argument("--speech-model", default="")
     ap.add_argument("--caption-model", default="")
@@ -86,6 +87,7 @@ def main() -> None:
         chat_slots=args.slots,
         delta_flush_interval=args.flush_interval,
         **({} if args.frames_per_s is None else {"delta_frames_per_s": args.frames_per_s}),
+        history_chars=args.history_chars,
         speech_model=args.speech_model,
         speech_device=args.device,
         speech_language="en",

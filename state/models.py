@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 DEFAULT_TITLE = "New chat"  # until the first turn names the session
+# A message that names attachments: the condition of the partial index ix_messages_attached.
+NAMES_ATTACHMENTS = "attachment_ids != '[]'"
 
 
 def new_id() -> str:
@@ -66,7 +68,11 @@ class Message(Base):
     assistant message carries the turn's lifecycle status, routing decision and timings."""
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_session_position", "session_id", "position"),)
+    __table_args__ = (
+        Index("ix_messages_session_position", "session_id", "position"),
+        # The rows that name attachments, found without reading a long session's text (state.context).
+        Index("ix_messages_attached", "session_id", "position", sqlite_where=text(NAMES_ATTACHMENTS)),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))

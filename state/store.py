@@ -175,21 +175,6 @@ def history(db: Session, *, session_id: str) -> Sequence[Row]:
     return db.connection().execute(stmt).all()
 
 
-def context(db: Session, *, session_id: str) -> Sequence[Row]:
-    """What the dialogue reads of a session's messages before a turn, in order: ``position``,
-    ``turn_id``, ``role``, ``status``, ``text``, ``skill`` and ``attachment_ids`` (fewer columns than
-    ``history``: no timestamps to parse on the event loop, where every turn reads this)."""
-    return contexts(db, session_ids=[session_id]).get(session_id, [])
-
-
-def contexts(db: Session, *, session_ids: Collection[str]) -> dict[str, list[Row]]:
-    """``context`` of each of these sessions, in one read (a session with no message is absent)."""
-    out: dict[str, list[Row]] = {}
-    for row in db.connection().execute(_CONTEXTS, {"sids": list(session_ids)}):
-        out.setdefault(row.session_id, []).append(row)
-    return out
-
-
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:
     # A Core statement: no caller holds the row as an object in the same transaction.
     db.connection().execute(update(_messages_t).where(_messages_t.c.id == message_id).values(**fields))
@@ -237,11 +222,6 @@ _NAME = (
 )
 _SESSION_HEADS = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
     _sessions_t.c.id.in_(bindparam("sids", expanding=True))
-)
-_CONTEXTS = (
-    select(*(_messages_t.c[k] for k in ("session_id", "position", "turn_id", "role", "status", "text", "skill", "attachment_ids")))
-    .where(_messages_t.c.session_id.in_(bindparam("sids", expanding=True)))
-    .order_by(_messages_t.c.session_id, _messages_t.c.position)
 )
 _SET_FIRST_TOKEN = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(first_token_at=bindparam("v_at"))
 _EVENTS_AFTER = (

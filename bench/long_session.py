@@ -1,0 +1,107 @@
+"""A turn's cost as one session grows long: the history a turn reads, with and without a window.
+
+One client grows one session turn by turn (a 40-word message, a 300-word model-free reply: the flood
+skill) and, each time it reaches a checkpoint, sends ``--probes`` more turns one at a time. Per
+checkpoint it reports the client's time to first token (median, p90) and the server process's CPU
+per turn (from the OS, over the probes). Servers run one after another: ``window`` (the default,
+``ASSISTANT_HISTORY_CHARS`` from the prompt budget: the newest 16 KiB here) and ``whole`` (0: every
+turn reads the whole history, as before ``state/context.py``). The flood skill ignores the history,
+so this is the web process's own work per turn: a chat model would then template what it was given.
+
+    .venv/bin/python bench/long_session.py --checkpoints 20 1000 2000 --out bench/results/long_session_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+
+from bench.load import _session  # noqa: E402
+from bench.run import ServerProcess  # noqa: E402
+
+MESSAGE = " ".join(f"word{i}" for i in range(40))
+CONFIGS = {"window": [], "whole": ["--history-chars", "0"]}
+
+
+async def _turn(ws, sid: str) -> float:  # noqa: ANN001
+    """Send one turn and wait for its reply; returns the time to its first token (seconds)."""
+    sent, first = time.perf_counter(), None
+    await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": MESSAGE, "event_id": "t"}))
+    while True:
+        raw = await ws.recv()
+        if first is None and '"response.delta"' in raw[:64]:
+            first = time.perf_counter() - sent
+        if '"response.done"' in raw[:64]:
+            return first
+
+
+async def grow(server: ServerProcess, checkpoints: list[int], probes: int) -> list[dict]:
+    out = []
+    async with connect(server.ws, additional_headers={"Authorization": f"Bearer {server.token}"}, max_size=None) as ws:
+        sid = await _session(ws)
+        messages = 0
+        for checkpoint in checkpoints:
+            while messages < checkpoint:  # two messages a turn
+                await _turn(ws, sid)
+                messages += 2
+            cpu = server.cpu_s()
+            ttfts = sorted([await _turn(ws, sid) for _ in range(probes)])
+            cpu = server.cpu_s() - cpu
+            messages += 2 * probes
+            out.append({
+                "messages": checkpoint,
+                "ttft_ms_p50": round(statistics.median(ttfts) * 1e3, 2),
+                "ttft_ms_p90": round(ttfts[int(len(ttfts) * 0.9)] * 1e3, 2),
+                "server_cpu_ms_per_turn": round(cpu * 1e3 / probes, 2),
+            })  # fmt: skip
+            print(server.name, out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[20, 1000, 2000], help="session lengths, in messages")
+    ap.add_argument("--probes", type=int, default=20, help="turns timed at each checkpoint")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--port", type=int, default=8936)
+    ap.add_argument("--out", type=Path, help="also write the result here as JSON")
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="long-session-"))
+    result: dict = {
+        "command": "python bench/long_session.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": psutil.cpu_count(),
+        "reply_words": 300,
+        "message_words": 40,
+        "runs": {},
+    }
+    for name in args.configs:
+        server = ServerProcess(name, ["--mode", "flood", "--flood-words", "300", "--device", "cpu", *CONFIGS[name]], workdir, args.port)
+        try:
+            result["runs"][name] = asyncio.run(grow(server, sorted(args.checkpoints), args.probes))
+        finally:
+            server.stop()
+    if {"window", "whole"} <= set(result["runs"]):
+        result["whole_over_window_cpu"] = [
+            round(b["server_cpu_ms_per_turn"] / a["server_cpu_ms_per_turn"], 2)
+            for a, b in zip(result["runs"]["window"], result["runs"]["whole"])
+        ]
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

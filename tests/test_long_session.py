@@ -1,0 +1,196 @@
+"""A long conversation: each turn reads the session's newest messages, as much as a prompt can hold,
+and the older turns that named images; never the whole history (``state/context.py``). What a skill
+is given and where each turn is routed are what reading everything would give, within the window."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from assistant import protocol as p
+from skills.base import HistoryItem, ModelFreeSkill, SkillRequest, SkillUsage
+from state import context as state_context
+from state import store
+from state.db import make_engine, make_session_factory, upgrade
+from state.models import Message, new_id
+from tests.conftest import make_settings
+
+
+@pytest.fixture()
+def sessions(tmp_path: Path):  # noqa: ANN201
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _expected(rows: list[dict], chars: int | None, before: int | None) -> list[tuple[int, bool]]:
+    """The rule of ``state.context.contexts``, written plainly over all of a session's rows."""
+    rows = [r for r in rows if before is None or r["position"] < before]
+    if chars is None or not rows:
+        return [(r["position"], True) for r in rows]
+    keep, after = [], 0
+    for r in reversed(rows):
+        if after >= chars:
+            break
+        keep.append(r)
+        after += len(r["text"]) + state_context.PER_MESSAGE
+    first = keep[-1]["position"]
+    named = {r["turn_id"] for r in rows if r["attachment_ids"]}
+    older = [(r["position"], False) for r in rows if r["position"] < first and r["turn_id"] in named]
+    return older + [(r["position"], True) for r in reversed(keep)]
+
+
+def test_a_turn_reads_the_newest_messages_that_fit_and_every_turn_that_named_an_image(sessions) -> None:  # noqa: ANN001
+    """Random sessions (up to 300 messages, so past the first read of 32 rows and the next of 128;
+    texts of 0-400 characters; a few turns naming attachments on either message) against the rule
+    written plainly, for windows from one character to everything, with and without ``before``."""
+    rng = random.Random(7)
+    with sessions.begin() as db:
+        user = store.get_or_create_user(db, name="ann")
+        data: dict[str, list[dict]] = {}
+        for n in (0, 1, 2, 7, 33, 130, 300):
+            sid = store.create_session(db, user_id=user.id).id
+            rows = data[sid] = []
+            for pos in range(n):
+                turn = rows[-1]["turn_id"] if pos % 2 else new_id()
+                named = rng.random() < (0.06 if pos % 2 == 0 else 0.03)
+                rows.append({"id": new_id(), "session_id": sid, "turn_id": turn, "position": pos, "role": ("user", "assistant")[pos % 2],
+                             "text": "x" * rng.choice([0, 3, 40, 400]), "status": "completed", "skill": "chat" if pos % 2 else None,
+                             "attachment_ids": [new_id()] if named else []})  # fmt: skip
+            if rows:
+                db.execute(Message.__table__.insert(), rows)
+    assert sum(r["attachment_ids"] != [] for rows in data.values() for r in rows) >= 10
+    with sessions() as db:
+        for chars in (None, 1, 50, 450, 3000, 20000, 10**9):
+            for before in (None, 0, 1, 31, 100, 201):
+                got = state_context.contexts(db, session_ids=list(data), chars=chars, before=before)
+                for sid, rows in data.items():
+                    want = _expected(rows, chars, before)
+                    rows_got = got.get(sid, [])
+                    assert [(r.position, bool(r.recent)) for r in rows_got] == want, (len(rows), chars, before)
+                    by_position = {r["position"]: r for r in rows}
+                    assert all(r.text == by_position[r.position]["text"] and r.turn_id == by_position[r.position]["turn_id"]
+                               and r.attachment_ids == (by_position[r.position]["attachment_ids"] or None) for r in rows_got)  # fmt: skip
+
+
+def test_older_turns_that_named_images_are_found_through_the_partial_index(sessions) -> None:  # noqa: ANN001
+    """The rows that name attachments are looked up in ``ix_messages_attached``, not by scanning a
+    long session's messages (4 ms of the event loop per turn at 4,000 messages before)."""
+    from sqlalchemy import event as sa_event
+
+    with sessions.begin() as db:
+        sid = store.create_session(db, user_id=store.get_or_create_user(db, name="ann").id).id
+        db.execute(Message.__table__.insert(), [
+            {"id": new_id(), "session_id": sid, "turn_id": f"t{i // 2}", "position": i, "role": ("user", "assistant")[i % 2],
+             "text": "x" * 100, "status": "completed", "attachment_ids": ["a"] if i == 0 else []} for i in range(200)
+        ])  # fmt: skip
+    statements: list[tuple[str, tuple]] = []
+    engine = sessions.kw["bind"]
+    sa_event.listen(engine, "before_cursor_execute", lambda conn, cur, sql, params, *a: statements.append((sql, params)))
+    with sessions() as db:
+        rows = state_context.context(db, session_id=sid, chars=1000)
+        # the first turn, then the newest 7 messages: 6 after the oldest of them, 164 each, measure under 1,000
+        assert [(r.position, bool(r.recent)) for r in rows] == [(0, False), (1, False)] + [(p_, True) for p_ in range(193, 200)]
+        [(sql, params)] = [(s, p_) for s, p_ in statements if "attachment_ids != '[]'" in s]
+        plan = " | ".join(str(row[-1]) for row in db.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+    assert "INDEX ix_messages_attached" in plan, plan
+
+
+class _Run:
+    def __init__(self, text: str) -> None:
+        self.text, self.usage = text, SkillUsage()
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):  # noqa: ANN204
+        for word in self.text.split(" "):
+            await asyncio.sleep(0)
+            yield word + " "
+
+
+class _Recorder(ModelFreeSkill):
+    """Records what each turn was given; answers the same way whatever the history was."""
+
+    def __init__(self, name: str, seen: list[tuple]) -> None:
+        super().__init__()
+        self.name, self.seen = name, seen
+
+    async def run(self, request: SkillRequest) -> _Run:
+        self.seen.append((self.name, request.text, b"".join(request.images).decode(), request.history))
+        return _Run(f"{self.name} reply {len(self.seen)} " + "y" * 60)
+
+
+def _conversation(tmp: Path, history_chars: int) -> tuple[list[tuple], list[str]]:
+    """Two photos, a long chat, then turns about the photos, the last two sent at once (the second
+    queued behind the first). Returns what each skill was given, and the stored user texts."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+    from state.attachments import BlobStore, add_attachment
+
+    tmp.mkdir()
+    settings = make_settings(tmp, tmp, load_models=False, history_chars=history_chars)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    blobs = BlobStore(tmp / "blobs")
+    seen: list[tuple] = []
+    skills = {name: _Recorder(name, seen) for name in ("chat", "caption", "vqa")}
+    dm = DialogueManager(settings=settings, sessions=factory, skills=skills, metrics=Metrics(), blobs=blobs)
+    with factory.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+
+    async def scenario() -> str:
+        sid = dm.create_session(user_id=ann, title=None, sub=None, event_id=None)
+        with factory.begin() as db:
+            ids = []
+            for name in ("cat", "dog"):
+                blobs.write(f"{name:0<64}", name.encode())
+                ids.append(add_attachment(db, user_id=ann, session_id=sid, sha256=f"{name:0<64}", kind="image",
+                                          mime_type="image/png", size_bytes=3, meta={}).id)  # fmt: skip
+        turns = [("", [ids[0]]), ("how many legs does it have?", [ids[1]])]
+        turns += [(f"tell me more about topic {k}, in detail", []) for k in range(12)]
+        turns += [("and in the first photo?", []), ("describe image 2", []), ("what colour is it?", [])]
+        for text_, attached in turns:
+            await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text=text_, attachment_ids=attached), sub=None)
+            while dm._runners:
+                await asyncio.sleep(0.001)
+        await asyncio.gather(*(dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text=t), sub=None)
+                               for t in ("a last question", "and one more")))  # fmt: skip
+        while dm._runners:
+            await asyncio.sleep(0.001)
+        return sid
+
+    sid = asyncio.run(scenario())
+    with factory() as db:
+        stored = [m.status for m in store.history(db, session_id=sid)]
+    engine.dispose()
+    return seen, stored
+
+
+def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_gets_its_newest_part(tmp_path) -> None:  # noqa: ANN001
+    whole, whole_status = _conversation(tmp_path / "whole", history_chars=0)
+    window, window_status = _conversation(tmp_path / "window", history_chars=800)
+    assert whole_status == window_status and set(whole_status) == {"completed"} and len(whole_status) == 38
+    # Every turn goes to the same skill, about the same image, with the same text: image numbers, the
+    # image in focus and the last question asked about one come from turns long out of the window.
+    assert [s[:3] for s in window] == [s[:3] for s in whole]
+    assert [s[:3] for s in whole[-5:-2]] == [
+        ("vqa", "how many legs does it have?", "cat"),  # "and in the first photo?": the earlier question
+        ("caption", "describe image 2", "dog"),
+        ("vqa", "what colour is it?", "dog"),
+    ]
+    for (name, _, _, got), (_, _, _, everything) in zip(window, whole):
+        # The newest messages while the later ones measure under 800 characters, starting with a user's.
+        assert got == everything[len(everything) - len(got):]
+        assert not got or got[0].role == "user"
+        assert sum(len(h.text) + state_context.PER_MESSAGE for h in got[1:]) < 800 + 30  # "[image N] " labels the stored text
+        if len(everything) > 12:
+            assert 2 <= len(got) < len(everything) // 2
+    # the queued turn was given the turn before it, answer included
+    assert window[-1][3][-2:] == (HistoryItem("user", "a last question"), HistoryItem("assistant", window[-1][3][-1].text))
+    assert window[-1][3][-1].text.startswith(f"chat reply {len(window) - 1} ")
