@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -57,6 +57,8 @@ class ChatSession(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Highest seq handed out in this session's event log.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Deleted: no lookup finds it; its rows are removed 500 at a time (store.purge_session).
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="session", cascade="all, delete-orphan", passive_deletes=True, order_by="Message.position"

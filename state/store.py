@@ -65,9 +65,9 @@ def create_session(db: Session, *, user_id: str, title: str | None = None) -> Ch
 
 
 def get_session(db: Session, *, session_id: str, user_id: str) -> ChatSession | None:
-    """The session if it exists and belongs to ``user_id``; otherwise None (no leak of which)."""
+    """The session if it exists, is not deleted and belongs to ``user_id``; otherwise None (no leak of which)."""
     sess = db.get(ChatSession, session_id)
-    return sess if sess is not None and sess.user_id == user_id else None
+    return sess if sess is not None and sess.user_id == user_id and not sess.deleted else None
 
 
 def session_heads(db: Session, *, session_ids: Collection[str]) -> dict[str, Row]:
@@ -80,7 +80,7 @@ def session_heads(db: Session, *, session_ids: Collection[str]) -> dict[str, Row
 def list_sessions(db: Session, *, user_id: str, limit: int = 100, offset: int = 0) -> Sequence[ChatSession]:
     stmt = (
         select(ChatSession)
-        .where(ChatSession.user_id == user_id)
+        .where(ChatSession.user_id == user_id, ChatSession.deleted.is_(False))
         .order_by(ChatSession.updated_at.desc(), ChatSession.id)
         .limit(limit)
         .offset(offset)
@@ -94,10 +94,36 @@ def rename_session(db: Session, *, session: ChatSession, title: str) -> None:
 
 
 def delete_session(db: Session, *, session: ChatSession) -> None:
-    db.execute(delete(Event).where(Event.session_id == session.id))
-    db.execute(delete(Message).where(Message.session_id == session.id))
-    db.execute(delete(Attachment).where(Attachment.session_id == session.id))  # their files: release_blobs
-    db.delete(session)
+    """Delete the session and all its rows in this transaction (the server hides it with
+    ``mark_deleted`` and removes the rest with ``purge_session``, a little at a time)."""
+    mark_deleted(db, session=session)
+    while purge_session(db, session_id=session.id, limit=1 << 62):
+        pass
+
+
+def mark_deleted(db: Session, *, session: ChatSession) -> None:
+    """Hide the session from every lookup (``get_session``, ``session_heads``, ``list_sessions``) and
+    delete its attachments (their files: ``release_blobs``); ``purge_session`` removes the rest."""
+    session.deleted = True
+    db.execute(delete(Attachment).where(Attachment.session_id == session.id))
+
+
+def deleted_sessions(db: Session) -> list[str]:
+    """Sessions marked deleted whose rows are not all removed yet (a purge that a shutdown cut off)."""
+    return list(db.scalars(select(ChatSession.id).where(ChatSession.deleted.is_(True))))
+
+
+def purge_session(db: Session, *, session_id: str, limit: int) -> int:
+    """Delete up to ``limit`` events, then messages, of a session marked deleted; once it has none,
+    the session itself. Returns the rows deleted: 0 when the session is gone. A long session's rows
+    go in many short transactions, not one that would hold the database, and the event loop that
+    writes every stream to it (up to 200 ms for 80,000 events, ``bench/delete_session.py``)."""
+    conn = db.connection()
+    for stmt in (_PURGE_EVENTS, _PURGE_MESSAGES):
+        n = conn.execute(stmt, {"sid": session_id, "n": limit}).rowcount
+        if n:
+            return n
+    return conn.execute(delete(_sessions_t).where(_sessions_t.c.id == session_id, _sessions_t.c.deleted.is_(True))).rowcount
 
 
 # ----------------------------------------------------------------------------- messages
@@ -221,8 +247,18 @@ _NAME = (
     .values(title=bindparam("v_title"))
 )
 _SESSION_HEADS = select(_sessions_t.c.id, _sessions_t.c.user_id, _sessions_t.c.title).where(
-    _sessions_t.c.id.in_(bindparam("sids", expanding=True))
+    _sessions_t.c.id.in_(bindparam("sids", expanding=True)), _sessions_t.c.deleted.is_(False)
 )
+# A deleted session's oldest rows, through the (session_id, seq) and (session_id, position) indexes.
+_PURGE_EVENTS = delete(_events_t).where(
+    _events_t.c.session_id == bindparam("sid"),
+    _events_t.c.seq.in_(select(_events_t.c.seq).where(_events_t.c.session_id == bindparam("sid"))
+                        .order_by(_events_t.c.seq).limit(bindparam("n")).scalar_subquery()),
+)  # fmt: skip
+_PURGE_MESSAGES = delete(_messages_t).where(
+    _messages_t.c.id.in_(select(_messages_t.c.id).where(_messages_t.c.session_id == bindparam("sid"))
+                         .order_by(_messages_t.c.position).limit(bindparam("n")).scalar_subquery()),
+)  # fmt: skip
 _SET_FIRST_TOKEN = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(first_token_at=bindparam("v_at"))
 _EVENTS_AFTER = (
     select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)

@@ -5,17 +5,19 @@ is given and where each turn is routed are what reading everything would give, w
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from assistant import protocol as p
 from skills.base import HistoryItem, ModelFreeSkill, SkillRequest, SkillUsage
 from state import context as state_context
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
-from state.models import Message, new_id
+from state.models import ChatSession, Message, new_id
 from tests.conftest import make_settings
 
 
@@ -194,3 +196,108 @@ def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_g
     # the queued turn was given the turn before it, answer included
     assert window[-1][3][-2:] == (HistoryItem("user", "a last question"), HistoryItem("assistant", window[-1][3][-1].text))
     assert window[-1][3][-1].text.startswith(f"chat reply {len(window) - 1} ")
+
+
+def _long_session(factory, user_id: str, *, messages: int, events: int) -> str:  # noqa: ANN001
+    from state.models import Event
+
+    with factory.begin() as db:
+        sid = store.create_session(db, user_id=user_id).id
+        db.execute(Message.__table__.insert(), [
+            {"id": new_id(), "session_id": sid, "turn_id": f"{sid}-{i // 2}", "position": i, "role": ("user", "assistant")[i % 2],
+             "text": "x" * 300, "status": "completed", "attachment_ids": []} for i in range(messages)
+        ])  # fmt: skip
+        db.execute(Event.__table__.insert(), [{"session_id": sid, "seq": i + 1, "type": "response.delta", "payload": "{}"}
+                                              for i in range(events)])  # fmt: skip
+    return sid
+
+
+def _rows(factory, sid: str) -> list[int]:  # noqa: ANN001
+    with factory() as db:
+        return [db.execute(text(f"SELECT count(*) FROM {t} WHERE {c} = :s"), {"s": sid}).scalar()
+                for t, c in (("events", "session_id"), ("messages", "session_id"), ("sessions", "id"))]  # fmt: skip
+
+
+def test_deleting_a_long_session_hides_it_at_once_and_removes_it_in_short_transactions(tmp_path) -> None:  # noqa: ANN001
+    """A session of 2,000 messages and 20,000 events: gone for every lookup as the delete returns;
+    its rows are removed ``PURGE_ROWS`` at a time (one transaction held the event loop 129-198 ms for
+    4,000 messages and 80,000 events, ``bench/delete_session.py``), and another session's turn streams meanwhile."""
+    from sqlalchemy import event as sa_event
+
+    from assistant.dialogue import PURGE_ROWS, DialogueManager
+    from assistant.metrics import Metrics
+    from bench.baseline import FloodSkill
+
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(200)}, metrics=Metrics())
+    with factory.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+    sid = _long_session(factory, ann, messages=2000, events=20000)
+    deletes: list[int] = []
+    sa_event.listen(engine, "after_cursor_execute",
+                    lambda conn, cur, sql, *a: deletes.append(cur.rowcount) if sql.startswith("DELETE") else None)  # fmt: skip
+    seen: list[tuple[str, int]] = []  # (frame type, chunks deleted by then), for the other session's frames
+
+    class Watcher:
+        def deliver(self, frame: str) -> None:
+            seen.append((json.loads(frame)["type"], len(deletes)))
+
+        def replay(self, frames: list[str]) -> None:
+            pass
+
+    async def scenario() -> None:
+        other = dm.create_session(user_id=ann, title=None, sub=None, event_id=None)
+        assert await dm.delete_session(user_id=ann, session_id=sid)
+        with factory() as db:  # hidden at once, its rows still there
+            assert store.get_session(db, session_id=sid, user_id=ann) is None
+            assert sid not in [s.id for s in store.list_sessions(db, user_id=ann)]
+            assert store.session_heads(db, session_ids=[sid]) == {}
+        assert _rows(factory, sid)[0] > 10000
+        with pytest.raises(Exception, match="no session"):
+            await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="hello?"), sub=None)
+        assert not await dm.delete_session(user_id=ann, session_id=sid)
+        await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=other, text="meanwhile"), sub=Watcher())
+        while dm._runners or dm._purges:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert _rows(factory, sid) == [0, 0, 0]
+    assert max(deletes) <= PURGE_ROWS and sum(deletes) >= 22000 and len(deletes) >= 22000 // PURGE_ROWS
+    first_delta = next(n for kind, n in seen if kind == "response.delta")
+    assert first_delta < len(deletes) // 2, f"the other session's first words waited for {first_delta} of {len(deletes)} deletes"
+    assert seen[-1][0] == "response.done"
+    engine.dispose()
+
+
+def test_a_purge_cut_off_by_a_shutdown_goes_on_at_the_next_start(tmp_path) -> None:  # noqa: ANN001
+    """Deleted, partly purged, then the server stopped: the next start removes the rest, and the
+    deleted session's unfinished turn is not logged as interrupted (nobody can see it)."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    with factory.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+    sid = _long_session(factory, ann, messages=600, events=3000)
+    with factory.begin() as db:
+        db.execute(text("UPDATE messages SET status = 'running' WHERE session_id = :s AND position = 599"), {"s": sid})
+        store.mark_deleted(db, session=db.get(ChatSession, sid))
+        store.purge_session(db, session_id=sid, limit=1000)
+    assert _rows(factory, sid) == [2000, 600, 1]
+
+    async def start() -> int:
+        dm = DialogueManager(settings=settings, sessions=factory, skills={}, metrics=Metrics())
+        interrupted = dm.recover()
+        while dm._purges:
+            await asyncio.sleep(0.01)
+        return interrupted
+
+    assert asyncio.run(start()) == 0
+    assert _rows(factory, sid) == [0, 0, 0]
+    engine.dispose()
