@@ -38,7 +38,8 @@ def fill(factory, user_id: str, messages: int, events: int) -> str:  # noqa: ANN
              "text": "x" * 300, "status": "completed", "attachment_ids": []} for i in range(messages)
         ])  # fmt: skip
         db.execute(Event.__table__.insert(), [
-            {"session_id": sid, "seq": i + 1, "type": "response.delta", "payload": '{"delta": "' + "y" * 60 + '"}'} for i in range(events)
+            {"session_id": sid, "seq": i + 1, "type": "response.delta", "payload": json.dumps({"delta": "y" * 60})}
+            for i in range(events)
         ])  # fmt: skip
     return sid
 

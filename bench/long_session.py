@@ -88,7 +88,8 @@ def main() -> None:
         "runs": {},
     }
     for name in args.configs:
-        server = ServerProcess(name, ["--mode", "flood", "--flood-words", "300", "--device", "cpu", *CONFIGS[name]], workdir, args.port)
+        flood = ["--mode", "flood", "--flood-words", "300", "--device", "cpu", *CONFIGS[name]]
+        server = ServerProcess(name, flood, workdir, args.port)
         try:
             result["runs"][name] = asyncio.run(grow(server, sorted(args.checkpoints), args.probes))
         finally:
