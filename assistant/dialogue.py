@@ -209,11 +209,13 @@ class DialogueManager:
         return sess.id
 
     def resume(self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None) -> None:
-        """Replay the log after ``last_seq`` and watch the session. Runs without awaiting, so no live
-        event can slip between the replay and the subscription."""
+        """Replay the log after ``last_seq`` (``store.replay_events``: without the deltas of replies
+        that have ended) and watch the session. Runs without awaiting, so no live event can slip
+        between the replay and the subscription."""
         with self._db() as db:
             sess = self._owned(db, user_id, session_id)
-            missed = store.events_after(db, session_id=session_id, after_seq=last_seq)
+            streaming = self._writer.streaming_from(session_id)
+            missed = store.replay_events(db, session_id=session_id, after_seq=last_seq, streaming_from=streaming)
             current = sess.last_seq
         if missed:
             sub.replay([ev.payload for ev in missed])

@@ -38,8 +38,9 @@ class SessionCreate(_ClientEvent):
 
 
 class SessionResume(_ClientEvent):
-    """Attach to an existing session; the server replays every event with ``seq > last_seq``,
-    then answers ``session.resumed`` and streams live events."""
+    """Attach to an existing session; the server replays the events with ``seq > last_seq``
+    (a reply that has ended as its ``response.done``, whose ``text`` is the whole reply, without
+    its ``response.delta``s; so seqs may skip), then answers ``session.resumed`` and streams live events."""
 
     type: Literal["session.resume"] = "session.resume"
     session_id: str = Field(max_length=64)

@@ -40,6 +40,13 @@ class StreamWriter:
         self._pending: list[_Pending] = []
         self._scheduled = False
         self.batches = 0  # transactions written (observability)
+        self._streaming: dict[str, tuple[str, int]] = {}  # session -> (turn, seq of its first logged delta)
+
+    def streaming_from(self, session_id: str) -> int | None:
+        """The seq of the first logged ``response.delta`` of the reply streaming in this session, if
+        one is and has logged any (kept as each batch is stored, so a resume never falls between)."""
+        entry = self._streaming.get(session_id)
+        return entry[1] if entry is not None else None
 
     def write(
         self, event: p.ResponseDelta, *, reply_id: str, text: str, first_token_at: datetime | None = None
@@ -82,6 +89,12 @@ class StreamWriter:
             return
         self.batches += 1
         for it, entry in zip(batch, logged):
+            sid, turn_id = it.event.session_id, it.event.turn_id  # type: ignore[attr-defined]
+            streaming = self._streaming.get(sid)
+            if entry is None or (it.finished is not None and streaming is not None and streaming[0] == turn_id):
+                self._streaming.pop(sid, None)
+            elif it.finished is None and (streaming is None or streaming[0] != turn_id):  # one reply streams at a time
+                self._streaming[sid] = (turn_id, entry[0])
             if entry is None:  # its session was deleted meanwhile; the others are stored
                 if not it.done.done():
                     it.done.set_exception(LookupError(f"session {it.event.session_id} was deleted"))  # type: ignore[attr-defined]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from state.models import DEFAULT_TITLE, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
+from state.models import DEFAULT_TITLE, NOT_DELTA, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
 
 UNFINISHED = ("received", "queued", "routed", "running")
 
@@ -265,6 +266,17 @@ _EVENTS_AFTER = (
     .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"))
     .order_by(_events_t.c.seq)
 )
+_NOT_DELTAS_AFTER = (  # the partial index's own condition as literal SQL, so SQLite uses it
+    select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)
+    .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"), text(f"events.{NOT_DELTA}"))
+    .order_by(_events_t.c.seq)
+)
+_DELTAS_AFTER = (
+    select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)
+    .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"), _events_t.c.type == "response.delta")
+    .order_by(_events_t.c.seq)
+)
+_SEQ = operator.attrgetter("seq")
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
@@ -347,6 +359,21 @@ def title_from(text: str, *, capitalise: bool = False) -> str:
     """A session title from a message: its words on one line, at most 60 characters."""
     title = " ".join(text.split())[:60]
     return title[:1].upper() + title[1:] if capitalise else title
+
+
+def replay_events(db: Session, *, session_id: str, after_seq: int, streaming_from: int | None) -> list[Row]:
+    """What a client resuming after ``after_seq`` is sent, in order (rows of ``seq``, ``type`` and
+    ``payload``): every logged event after it but the deltas of replies that have ended, since
+    their ``response.done``, sent too, carries the whole text; of the reply streaming now (its
+    first delta at ``streaming_from``), the deltas after ``after_seq``. The events other than
+    deltas are read through a partial index, so opening a long conversation reads a few rows a
+    turn, not every frame of every reply (1,000 turns of 40 frames: 43,002)."""
+    conn = db.connection()
+    rows = conn.execute(_NOT_DELTAS_AFTER, {"sid": session_id, "after": after_seq}).all()
+    if streaming_from is None:
+        return rows
+    deltas = conn.execute(_DELTAS_AFTER, {"sid": session_id, "after": max(after_seq, streaming_from - 1)}).all()
+    return sorted([*rows, *deltas], key=_SEQ) if deltas else rows
 
 
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Row]:

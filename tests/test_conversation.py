@@ -59,7 +59,7 @@ def test_three_turns_stream_and_each_prompt_carries_the_earlier_turns(server: Li
     assert history["session"]["title"] == "My name is Ada."
 
 
-def test_resume_replays_exactly_what_was_missed(server: LiveServer) -> None:
+def test_resume_replays_what_was_missed_an_ended_reply_as_its_done(server: LiveServer) -> None:
     token = server.token("alice")
 
     async def go() -> None:
@@ -73,8 +73,11 @@ def test_resume_replays_exactly_what_was_missed(server: LiveServer) -> None:
             await c2.send(type="session.resume", session_id=sid, last_seq=cut)
             resumed = await c2.until_type("session.resumed")
             replayed = [e for e in c2.events if "seq" in e]
-            assert replayed == live
-            assert resumed["last_seq"] == live[-1]["seq"] and resumed["replayed"] == len(live)
+            # the second reply has ended: its response.done carries the whole text, its deltas are not resent
+            assert replayed == [e for e in live if e["type"] != "response.delta"]
+            assert [e["type"] for e in replayed] == ["turn.created", "turn.routed", "response.done"]
+            assert replayed[-1]["text"] == "".join(e["delta"] for e in live if e["type"] == "response.delta")
+            assert resumed["last_seq"] == live[-1]["seq"] and resumed["replayed"] == len(replayed)
             # After the replay the connection follows the session live.
             _, done = await c2.turn(sid, "third")
             assert done["seq"] > resumed["last_seq"]

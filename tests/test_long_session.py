@@ -60,8 +60,9 @@ def test_a_turn_reads_the_newest_messages_that_fit_and_every_turn_that_named_an_
             for pos in range(n):
                 turn = rows[-1]["turn_id"] if pos % 2 else new_id()
                 named = rng.random() < (0.06 if pos % 2 == 0 else 0.03)
-                rows.append({"id": new_id(), "session_id": sid, "turn_id": turn, "position": pos, "role": ("user", "assistant")[pos % 2],
-                             "text": "x" * rng.choice([0, 3, 40, 400]), "status": "completed", "skill": "chat" if pos % 2 else None,
+                rows.append({"id": new_id(), "session_id": sid, "turn_id": turn, "position": pos,
+                             "role": ("user", "assistant")[pos % 2], "text": "x" * rng.choice([0, 3, 40, 400]),
+                             "status": "completed", "skill": "chat" if pos % 2 else None,
                              "attachment_ids": [new_id()] if named else []})  # fmt: skip
             if rows:
                 db.execute(Message.__table__.insert(), rows)
@@ -75,8 +76,10 @@ def test_a_turn_reads_the_newest_messages_that_fit_and_every_turn_that_named_an_
                     rows_got = got.get(sid, [])
                     assert [(r.position, bool(r.recent)) for r in rows_got] == want, (len(rows), chars, before)
                     by_position = {r["position"]: r for r in rows}
-                    assert all(r.text == by_position[r.position]["text"] and r.turn_id == by_position[r.position]["turn_id"]
-                               and r.attachment_ids == (by_position[r.position]["attachment_ids"] or None) for r in rows_got)  # fmt: skip
+                    for r in rows_got:
+                        stored = by_position[r.position]
+                        want_row = (stored["text"], stored["turn_id"], stored["attachment_ids"] or None)
+                        assert (r.text, r.turn_id, r.attachment_ids) == want_row
 
 
 def test_older_turns_that_named_images_are_found_through_the_partial_index(sessions) -> None:  # noqa: ANN001
@@ -174,7 +177,7 @@ def _conversation(tmp: Path, history_chars: int) -> tuple[list[tuple], list[str]
     return seen, stored
 
 
-def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_gets_its_newest_part(tmp_path) -> None:  # noqa: ANN001
+def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_gets_its_newest_part(tmp_path: Path) -> None:
     whole, whole_status = _conversation(tmp_path / "whole", history_chars=0)
     window, window_status = _conversation(tmp_path / "window", history_chars=800)
     assert whole_status == window_status and set(whole_status) == {"completed"} and len(whole_status) == 38
@@ -301,3 +304,76 @@ def test_a_purge_cut_off_by_a_shutdown_goes_on_at_the_next_start(tmp_path) -> No
     assert asyncio.run(start()) == 0
     assert _rows(factory, sid) == [0, 0, 0]
     engine.dispose()
+
+
+class _Client:
+    """A subscriber that keeps what it is sent: the replay, then live events."""
+
+    def __init__(self) -> None:
+        self.replayed: list[dict] = []
+        self.live: list[dict] = []
+
+    def deliver(self, frame: str) -> None:
+        self.live.append(json.loads(frame))
+
+    def replay(self, frames: list[str]) -> None:
+        self.replayed.extend(json.loads(f) for f in frames)
+
+
+def test_a_resume_sends_ended_replies_as_their_done_and_the_streaming_one_from_where_the_client_was(tmp_path: Path) -> None:
+    """Opening a conversation replays a few events a turn, not every frame: an ended reply comes as
+    its ``response.done`` (the whole text); the reply still streaming comes as its deltas after
+    the client's ``last_seq``, then live, with nothing lost or doubled, even when another turn's
+    ``response.done`` (a queued turn cancelled) was logged in the middle of the stream."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+    from bench.baseline import FloodSkill
+
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(150, 0.002)}, metrics=Metrics())
+    with factory.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+    watcher, fresh, midway = _Client(), _Client(), _Client()
+
+    def deltas(events: list[dict], turn_id: str) -> list[dict]:
+        return [e for e in events if e["type"] == "response.delta" and e["turn_id"] == turn_id]
+
+    async def until(cond) -> None:  # noqa: ANN001
+        while not cond():
+            await asyncio.sleep(0.001)
+
+    async def scenario() -> tuple[str, str, str, int]:
+        sid = dm.create_session(user_id=ann, title=None, sub=watcher, event_id=None)
+        first = await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="one"), sub=None)
+        await until(lambda: not dm._runners)
+        second = await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="two"), sub=None)
+        third = await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="three"), sub=None)
+        await until(lambda: len(deltas(watcher.live, second)) >= 20)
+        dm.cancel(user_id=ann, event=p.ResponseCancel(session_id=sid, turn_id=third))
+        await until(lambda: len(deltas(watcher.live, second)) >= 40)
+        dm.resume(user_id=ann, session_id=sid, last_seq=0, sub=fresh, event_id=None)
+        mid = deltas(watcher.live, second)[30]["seq"]
+        dm.resume(user_id=ann, session_id=sid, last_seq=mid, sub=midway, event_id=None)
+        await until(lambda: not dm._runners)
+        return first, second, third, mid
+
+    first, second, third, mid = asyncio.run(scenario())
+    engine.dispose()
+    done = {e["turn_id"]: e for e in watcher.live if e["type"] == "response.done"}
+    assert done[first]["status"] == done[second]["status"] == "completed" and done[third]["status"] == "cancelled"
+    assert done[second]["text"] == "".join(f" w{i}" for i in range(150))
+    # The ended reply: its done, not its 150 frames; the cancelled turn's events are there.
+    assert deltas(fresh.replayed, first) == [] and done[first] in fresh.replayed
+    assert [e["type"] for e in fresh.replayed if e.get("turn_id") == third] == [
+        "turn.created", "turn.queued", "response.done"]
+    # The streaming reply: each of its deltas once, in order, some replayed and the rest live.
+    for client, after in ((fresh, 0), (midway, mid)):
+        got = deltas(client.replayed, second) + deltas(client.live, second)
+        want = [e for e in deltas(watcher.live, second) if e["seq"] > after]
+        assert got == want and deltas(client.replayed, second) and deltas(client.live, second)
+        seqs = [e["seq"] for e in client.replayed]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and all(s > after for s in seqs)
+    assert midway.replayed[0]["seq"] > mid and len(fresh.replayed) < 60
