@@ -22,7 +22,7 @@ from assistant.audio import AudioError, AudioLimits, check_samples, float_to_wav
 from assistant.dialogue import DialogueError, Subscriber
 from skills.base import SkillError
 from state import store
-from state.attachments import add_attachment, release_blobs
+from state.attachments import SessionGone, add_attachment, release_blobs
 
 
 class SpeechFailure(Exception):
@@ -154,6 +154,8 @@ class SpeechInput:
                 await asyncio.to_thread(release_blobs, self.sessions, self.blobs, shas)
             if isinstance(exc, DialogueError):
                 raise as_failure(exc) from None
+            if isinstance(exc, SessionGone):  # deleted while the audio was transcribed
+                raise SpeechFailure(p.ErrorCode.session_not_found, f"no session {session_id!r} for this user") from None
             raise
 
     async def _audio_bytes(self, clip: AudioClip) -> tuple[str, bytes] | None:

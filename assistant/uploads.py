@@ -18,6 +18,7 @@ from assistant.images import ImageLimits, ImageRejected, check_image
 from state import store
 from state.attachments import (
     BlobStore,
+    SessionGone,
     add_attachment,
     attachment_in_use,
     blob_refs,
@@ -116,7 +117,7 @@ def upload_image(request: Request, user: User, session_id: str, file: UploadFile
                     meta=meta,
                 )
                 return attachment_out(row)
-    except IntegrityError:  # the same bytes uploaded at the same moment, or the session deleted meanwhile
+    except (IntegrityError, SessionGone):  # the same bytes uploaded at the same moment, or the session deleted meanwhile
         with request.app.state.sessions() as db:
             row = next((a for a in session_attachments(db, session_id=session_id) if a.sha256 == sha), None)
             if row is not None:

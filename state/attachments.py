@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import Row, bindparam, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from state.models import Attachment, Message
+from state.models import Attachment, ChatSession, Message
 
 
 class BlobStore:
@@ -128,7 +128,8 @@ def add_attachment(
     size_bytes: int,
     meta: dict,
 ) -> Attachment:
-    """The session's attachment for these bytes: the existing row when the same file was sent before."""
+    """The session's attachment for these bytes: the existing row when the same file was sent before.
+    Raises ``SessionGone`` when the session is deleted (or being purged: its row is still there)."""
     existing = db.scalar(select(Attachment).where(Attachment.session_id == session_id, Attachment.sha256 == sha256))
     if existing is not None:
         return existing
@@ -143,7 +144,15 @@ def add_attachment(
     )
     db.add(row)
     db.flush()
+    # Read after the insert, which holds SQLite's write lock until the commit: a delete is either
+    # seen here or waits, and never purges a row this upload adds (its files would stay behind).
+    if db.scalar(select(ChatSession.deleted).where(ChatSession.id == session_id)) is not False:
+        raise SessionGone(session_id)
     return row
+
+
+class SessionGone(LookupError):
+    """The session an attachment was being added to is deleted."""
 
 
 def get_attachment(db: Session, *, attachment_id: str, user_id: str) -> Attachment | None:

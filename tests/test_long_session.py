@@ -377,3 +377,25 @@ def test_a_resume_sends_ended_replies_as_their_done_and_the_streaming_one_from_w
         seqs = [e["seq"] for e in client.replayed]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and all(s > after for s in seqs)
     assert midway.replayed[0]["seq"] > mid and len(fresh.replayed) < 60
+
+
+def test_an_upload_that_lands_while_its_session_is_being_deleted_is_refused(sessions) -> None:  # noqa: ANN001
+    """The upload checked the session before its delete, and adds its row after it: refused
+    (``SessionGone``: the route says 404 and releases the files), and no row is left for the purge
+    to take with the session (its files would have stayed behind)."""
+    from state.attachments import SessionGone, add_attachment, session_attachments
+
+    with sessions.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+        sid = store.create_session(db, user_id=ann).id
+        kept = store.create_session(db, user_id=ann).id
+    with sessions.begin() as db:
+        store.mark_deleted(db, session=db.get(ChatSession, sid))
+    with pytest.raises(SessionGone), sessions.begin() as db:
+        add_attachment(db, user_id=ann, session_id=sid, sha256="a" * 64, kind="image", mime_type="image/png", size_bytes=1, meta={})
+    with sessions.begin() as db:
+        row = add_attachment(db, user_id=ann, session_id=kept, sha256="a" * 64, kind="image", mime_type="image/png",
+                             size_bytes=1, meta={})  # fmt: skip
+        assert row.session_id == kept
+    with sessions() as db:
+        assert session_attachments(db, session_id=sid) == [] and len(session_attachments(db, session_id=kept)) == 1
