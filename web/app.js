@@ -30,6 +30,8 @@ const state = {
   token: null, ws: null, connected: false, retries: 0, retryTimer: null,
   conn: "starting…", notice: "", noticeTimer: null,
   openId: null, models: new Map(), titles: new Map(), pending: new Map(), create: null, renaming: false,
+  replaying: new Set(), // sessions whose resume is being answered: drawn once, when it ends
+  paints: 0, // times the thread was drawn (tests: a replay is drawn once, not per event)
   skills: new Map(), // name -> {ready, state, detail}
   tray: [], // attachments uploaded for the next turn: {id, localUrl, name, uploading}
   audio: null, // {sessionId, recorder, started, queue, review}
@@ -200,6 +202,8 @@ function closeSocket() {
 
 function onClose(ws, e) {
   if (state.ws !== ws) return; // replaced or closed on purpose
+  state.replaying.clear(); // no replay comes on this socket any more
+  paintSoon();
   if (state.create) restoreDraft(state.create.draft); // its session.created may never come
   for (const draft of state.pending.values()) restoreDraft(draft);
   state.pending.clear();
@@ -222,7 +226,9 @@ function send(event) {
 }
 
 function resume(sessionId) {
-  send({ type: "session.resume", event_id: newId(), session_id: sessionId, last_seq: model(sessionId).lastSeq });
+  if (send({ type: "session.resume", event_id: newId(), session_id: sessionId, last_seq: model(sessionId).lastSeq })) {
+    state.replaying.add(sessionId);
+  }
 }
 
 function model(sessionId) {
@@ -256,7 +262,7 @@ function onFrame(data) {
   const handler = sessionHandlers[ev.type];
   if (handler) handler(ev, m);
   if (ev.turn_id && m.turns.has(ev.turn_id)) renderTurn(ev.session_id, m.turns.get(ev.turn_id));
-  updateControls();
+  paintSoon();
 }
 
 const sessionHandlers = {
@@ -283,7 +289,7 @@ const sessionHandlers = {
     });
     // Turns queued behind this one move up.
     for (const t of m.turns.values()) if (t.position && !FINAL.has(t.status)) t.position = Math.max(1, t.position - 1);
-    if (ev.session_id === state.openId) for (const t of m.turns.values()) if (t.position) renderTurn(ev.session_id, t);
+    for (const t of m.turns.values()) if (t.position) renderTurn(ev.session_id, t);
     // A chat opened with an image alone is named after the first reply (its caption).
     if (ev.status === "completed" && state.titles.get(ev.session_id) === "New chat") refreshSoon();
   },
@@ -343,11 +349,13 @@ function updateCapabilities() {
 
 function onResumed(ev) {
   model(ev.session_id).lastSeq = Math.max(model(ev.session_id).lastSeq, ev.last_seq);
-  updateControls();
+  state.replaying.delete(ev.session_id);
+  paintSoon();
 }
 
 function onError(ev) {
   if (ev.code === "unauthorized") return; // the close (4401) follows
+  if (ev.session_id && state.replaying.delete(ev.session_id)) paintSoon();
   if (state.pending.has(ev.event_id)) restoreDraft(state.pending.get(ev.event_id));
   state.pending.delete(ev.event_id);
   if (state.create?.eventId === ev.event_id) {
@@ -377,9 +385,11 @@ const ERROR_TEXT = {
 function openSession(sessionId, { resume: doResume = true } = {}) {
   state.openId = sessionId;
   view.clear();
+  changed.clear(); // the other session's turns, not drawn yet
   el.thread.replaceChildren();
   if (sessionId) {
     for (const t of model(sessionId).turns.values()) renderTurn(sessionId, t);
+    paintTurns();
     if (doResume && state.connected) resume(sessionId);
   }
   for (const li of el.sessions.children) {
@@ -414,9 +424,35 @@ function buildTurn() {
   return { user, images, userText, bot, chip, summary, menu, body, note, rendered: null, imageKey: "" };
 }
 
+// Turns changed since the last paint are drawn together, once per animation frame: a replay of a
+// long conversation (thousands of events) lays the thread out once, not once per event (which took
+// seconds for 300 turns, every event forcing a layout of the whole thread to keep it scrolled).
+const changed = new Set();
+let paintFrame = 0;
+let paintTimer = 0;
 function renderTurn(sessionId, t) {
   if (!t || sessionId !== state.openId) return;
+  changed.add(t);
+  paintSoon();
+}
+function paintSoon() {
+  if (paintFrame || state.replaying.has(state.openId)) return;
+  paintFrame = requestAnimationFrame(paintTurns);
+  paintTimer = setTimeout(paintTurns, 50); // a hidden page gets no animation frames
+}
+function paintTurns() {
+  cancelAnimationFrame(paintFrame);
+  clearTimeout(paintTimer);
+  paintFrame = paintTimer = 0;
+  state.paints += 1;
   const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
+  for (const t of changed) drawTurn(t);
+  changed.clear();
+  if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
+  updateControls();
+}
+
+function drawTurn(t) {
   if (!view.has(t.id)) view.set(t.id, buildTurn());
   const v = view.get(t.id);
   v.userText.textContent = t.text;
@@ -428,7 +464,10 @@ function renderTurn(sessionId, t) {
     v.images.replaceChildren(...t.attachmentIds.map(thumbnail));
   }
   renderChip(v, t);
-  if (v.rendered !== t.reply) scheduleBody(v, t);
+  if (v.rendered !== t.reply) {
+    v.rendered = t.reply;
+    v.body.replaceChildren(renderMarkdown(t.reply));
+  }
   v.bot.dataset.status = t.status;
   v.bot.setAttribute("aria-busy", String(!FINAL.has(t.status)));
   const note = t.position
@@ -437,27 +476,6 @@ function renderTurn(sessionId, t) {
       : FINAL.has(t.status) && t.status !== "completed" ? t.status + (t.error ? ` — ${t.error.message}` : "") : "";
   v.note.textContent = note;
   v.note.hidden = !note;
-  if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
-}
-
-// Markdown is re-rendered at most once per animation frame while text streams.
-const dirty = new Map();
-let frame = 0;
-function scheduleBody(v, t) {
-  dirty.set(v, t);
-  if (!frame) frame = requestAnimationFrame(flushBodies);
-  if (FINAL.has(t.status) || document.hidden) flushBodies();
-}
-function flushBodies() {
-  cancelAnimationFrame(frame);
-  frame = 0;
-  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
-  for (const [v, t] of dirty) {
-    v.rendered = t.reply;
-    v.body.replaceChildren(renderMarkdown(t.reply));
-  }
-  dirty.clear();
-  if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
 }
 
 function renderChip(v, t) {

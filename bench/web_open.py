@@ -1,0 +1,92 @@
+"""Opening a long conversation in the browser: the time from the click to every turn drawn.
+
+A server with the model-free flood skill (``--words`` a reply) gets one session of ``--turns`` turns
+over the websocket; then headless Chromium (Debian's, through Playwright, as the browser tests run
+it) opens the page, clicks the session, and waits until every reply is drawn as completed. Each of
+``--runs`` opens uses a fresh browser context (nothing cached: it resumes from seq 0).
+
+    .venv/bin/python bench/web_open.py --turns 300 --out bench/results/web_open_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from websockets.asyncio.client import connect  # noqa: E402
+
+from bench.load import _session  # noqa: E402
+from bench.run import ServerProcess  # noqa: E402
+
+
+async def build(server: ServerProcess, turns: int) -> str:
+    async with connect(server.ws, additional_headers={"Authorization": f"Bearer {server.token}"}, max_size=None) as ws:
+        sid = await _session(ws)
+        for k in range(turns):
+            await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": f"question {k}", "event_id": "t"}))
+            while '"response.done"' not in (await ws.recv())[:64]:
+                pass
+        return sid
+
+
+def open_once(browser, server: ServerProcess, sid: str, turns: int) -> dict:  # noqa: ANN001
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    try:
+        page = context.new_page()
+        page.goto(f"{server.http}/#token={server.token}")
+        page.wait_for_function("() => window.__assistant && window.__assistant.state.connected")
+        page.wait_for_selector(f"[data-testid=sessions] li[data-id='{sid}']")
+        t0 = time.perf_counter()
+        page.locator(f"[data-testid=sessions] li[data-id='{sid}'] .session-title").click()
+        page.wait_for_function(
+            "(n) => document.querySelectorAll('[data-testid=assistant-message][data-status=completed]').length >= n",
+            arg=turns, timeout=120_000,
+        )  # fmt: skip
+        return {"open_ms": round((time.perf_counter() - t0) * 1e3)}
+    finally:
+        context.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, default=300)
+    ap.add_argument("--words", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--port", type=int, default=8939)
+    ap.add_argument("--out", type=Path, help="also write the result here as JSON")
+    args = ap.parse_args()
+    from tests.browser.conftest import close_browser, launch  # needs playwright and /usr/bin/chromium
+
+    workdir = Path(tempfile.mkdtemp(prefix="web-open-"))
+    server = ServerProcess("flood", ["--mode", "flood", "--flood-words", str(args.words), "--device", "cpu"], workdir, args.port)
+    try:
+        sid = asyncio.run(build(server, args.turns))
+        pw, browser = launch()
+        try:
+            runs = [open_once(browser, server, sid, args.turns) for _ in range(args.runs)]
+        finally:
+            close_browser(pw, browser)
+    finally:
+        server.stop()
+    result = {
+        "command": "python bench/web_open.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "turns": args.turns,
+        "reply_words": args.words,
+        "runs": runs,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
