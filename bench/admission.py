@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from bench.load import _session  # noqa: E402
+from bench.load import _session, timed_turn  # noqa: E402
 from bench.run import ServerProcess  # noqa: E402
 
 SESSIONS = 64
@@ -40,19 +40,9 @@ async def bursts(url: str, token: str, n: int, on_ready) -> list[tuple[float, fl
     await asyncio.sleep(1.0)
     on_ready()
 
-    async def one(ws, sid: str) -> float:  # noqa: ANN001
-        sent, first = time.perf_counter(), None
-        await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": "hi", "event_id": "t"}))
-        while True:
-            raw = await ws.recv()
-            if first is None and '"response.delta"' in raw[:64]:
-                first = time.perf_counter() - sent
-            if '"response.done"' in raw[:64]:
-                return first
-
     out = []
     for _ in range(n):
-        ttfts = sorted(await asyncio.gather(*(one(ws, sid) for ws, sid in conns)))
+        ttfts = sorted(await asyncio.gather(*(timed_turn(ws, sid, "hi") for ws, sid in conns)))
         out.append((ttfts[len(ttfts) // 2] * 1e3, ttfts[int(len(ttfts) * 0.95)] * 1e3))
         await asyncio.sleep(0.3)
     for ws, _ in conns:

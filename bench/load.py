@@ -57,6 +57,18 @@ async def _session(ws) -> str:  # noqa: ANN001
     return ev["session_id"]
 
 
+async def timed_turn(ws, sid: str, text: str) -> float:  # noqa: ANN001
+    """Send one turn on an open connection and wait for its reply; returns its time to first token (s)."""
+    sent, first = time.perf_counter(), None
+    await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": text, "event_id": "t"}))
+    while True:
+        raw = await ws.recv()
+        if first is None and '"response.delta"' in raw[:64]:
+            first = time.perf_counter() - sent
+        if '"response.done"' in raw[:64]:
+            return first
+
+
 async def _client(url: str, token: str, text: str, ready: asyncio.Queue, go: asyncio.Event, cap_s: float) -> Stream:
     st = Stream()
     async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:

@@ -28,23 +28,11 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from bench.load import _session  # noqa: E402
+from bench.load import _session, timed_turn  # noqa: E402
 from bench.run import ServerProcess  # noqa: E402
 
 MESSAGE = " ".join(f"word{i}" for i in range(40))
 CONFIGS = {"window": [], "whole": ["--history-chars", "0"]}
-
-
-async def _turn(ws, sid: str) -> float:  # noqa: ANN001
-    """Send one turn and wait for its reply; returns the time to its first token (seconds)."""
-    sent, first = time.perf_counter(), None
-    await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": MESSAGE, "event_id": "t"}))
-    while True:
-        raw = await ws.recv()
-        if first is None and '"response.delta"' in raw[:64]:
-            first = time.perf_counter() - sent
-        if '"response.done"' in raw[:64]:
-            return first
 
 
 async def grow(server: ServerProcess, checkpoints: list[int], probes: int) -> list[dict]:
@@ -54,10 +42,10 @@ async def grow(server: ServerProcess, checkpoints: list[int], probes: int) -> li
         messages = 0
         for checkpoint in checkpoints:
             while messages < checkpoint:  # two messages a turn
-                await _turn(ws, sid)
+                await timed_turn(ws, sid, MESSAGE)
                 messages += 2
             cpu = server.cpu_s()
-            ttfts = sorted([await _turn(ws, sid) for _ in range(probes)])
+            ttfts = sorted([await timed_turn(ws, sid, MESSAGE) for _ in range(probes)])
             cpu = server.cpu_s() - cpu
             messages += 2 * probes
             out.append({

@@ -24,6 +24,23 @@ from tests.tiny_models import build_tiny_chat_model
 from tests.speech_fixtures import speech_files, tiny_whisper  # noqa: F401 - shared speech fixtures
 
 
+class WordsRun:
+    """A model-free skill run that streams ``text`` a word at a time, ``pause`` seconds apart."""
+
+    def __init__(self, text: str, pause: float = 0.01) -> None:
+        from skills.base import SkillUsage
+
+        self.text, self.pause, self.usage = text, pause, SkillUsage()
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):  # noqa: ANN204
+        for word in self.text.split(" "):
+            await asyncio.sleep(self.pause)
+            yield word + " "
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))

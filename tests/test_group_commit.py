@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from bench.baseline import FloodSkill
-from skills.base import ModelFreeSkill, SkillRequest, SkillUsage
+from skills.base import ModelFreeSkill, SkillRequest
 from assistant import protocol as p
 from assistant.stream_writer import StreamWriter
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
 from state.models import ChatSession, Event, Message
-from tests.conftest import LiveServer, make_settings, start_server, ws_client
+from tests.conftest import LiveServer, WordsRun, make_settings, start_server, ws_client
 
 WORDS = 120
 SESSIONS = 8
@@ -113,27 +113,14 @@ def test_a_session_deleted_before_the_commit_fails_only_its_own_frames(tmp_path)
         assert [e.type for e in store.events_after(db, session_id=kept_sid, after_seq=0)] == ["response.delta", "response.done"]
 
 
-class _HistoryRun:
-    def __init__(self, text: str) -> None:
-        self.text, self.usage = text, SkillUsage()
-
-    def cancel(self) -> None:
-        pass
-
-    async def __aiter__(self):  # noqa: ANN204
-        for word in self.text.split(" "):
-            await asyncio.sleep(0.01)
-            yield word + " "
-
-
 class HistorySkill(ModelFreeSkill):
     """Answers with the history it was given, so the test can see what each turn was told."""
 
     name = "chat"
 
-    async def run(self, request: SkillRequest) -> _HistoryRun:
+    async def run(self, request: SkillRequest) -> WordsRun:
         seen = "|".join(f"{h.role}:{h.text.strip()}" for h in request.history)
-        return _HistoryRun(f"[{request.text}] saw {seen or 'nothing'}")
+        return WordsRun(f"[{request.text}] saw {seen or 'nothing'}")
 
 
 def test_each_turn_sees_the_whole_answer_of_the_turn_before_it(tmp_path) -> None:  # noqa: ANN001
@@ -244,9 +231,9 @@ class LookSkill(ModelFreeSkill):
         super().__init__()
         self.name = name
 
-    async def run(self, request: SkillRequest) -> _HistoryRun:
+    async def run(self, request: SkillRequest) -> WordsRun:
         seen = "|".join(f"{h.role}:{h.text.strip()}" for h in request.history)
-        return _HistoryRun(f"{self.name} of {b''.join(request.images).decode()}; saw {seen or 'nothing'}")
+        return WordsRun(f"{self.name} of {b''.join(request.images).decode()}; saw {seen or 'nothing'}")
 
 
 def test_a_burst_of_image_turns_reads_the_attachments_once_and_each_turn_gets_its_own_image(tmp_path) -> None:  # noqa: ANN001

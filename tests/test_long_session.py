@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy import text
 
 from assistant import protocol as p
-from skills.base import HistoryItem, ModelFreeSkill, SkillRequest, SkillUsage
+from bench.delete_session import fill
+from skills.base import HistoryItem, ModelFreeSkill, SkillRequest
 from state import context as state_context
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
 from state.models import ChatSession, Message, new_id
-from tests.conftest import make_settings
+from tests.conftest import WordsRun, make_settings
 
 
 @pytest.fixture()
@@ -105,19 +106,6 @@ def test_older_turns_that_named_images_are_found_through_the_partial_index(sessi
     assert "INDEX ix_messages_attached" in plan, plan
 
 
-class _Run:
-    def __init__(self, text: str) -> None:
-        self.text, self.usage = text, SkillUsage()
-
-    def cancel(self) -> None:
-        pass
-
-    async def __aiter__(self):  # noqa: ANN204
-        for word in self.text.split(" "):
-            await asyncio.sleep(0)
-            yield word + " "
-
-
 class _Recorder(ModelFreeSkill):
     """Records what each turn was given; answers the same way whatever the history was."""
 
@@ -125,9 +113,9 @@ class _Recorder(ModelFreeSkill):
         super().__init__()
         self.name, self.seen = name, seen
 
-    async def run(self, request: SkillRequest) -> _Run:
+    async def run(self, request: SkillRequest) -> WordsRun:
         self.seen.append((self.name, request.text, b"".join(request.images).decode(), request.history))
-        return _Run(f"{self.name} reply {len(self.seen)} " + "y" * 60)
+        return WordsRun(f"{self.name} reply {len(self.seen)} " + "y" * 60, pause=0)
 
 
 def _conversation(tmp: Path, history_chars: int) -> tuple[list[tuple], list[str]]:
@@ -201,20 +189,6 @@ def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_g
     assert window[-1][3][-1].text.startswith(f"chat reply {len(window) - 1} ")
 
 
-def _long_session(factory, user_id: str, *, messages: int, events: int) -> str:  # noqa: ANN001
-    from state.models import Event
-
-    with factory.begin() as db:
-        sid = store.create_session(db, user_id=user_id).id
-        db.execute(Message.__table__.insert(), [
-            {"id": new_id(), "session_id": sid, "turn_id": f"{sid}-{i // 2}", "position": i, "role": ("user", "assistant")[i % 2],
-             "text": "x" * 300, "status": "completed", "attachment_ids": []} for i in range(messages)
-        ])  # fmt: skip
-        db.execute(Event.__table__.insert(), [{"session_id": sid, "seq": i + 1, "type": "response.delta", "payload": "{}"}
-                                              for i in range(events)])  # fmt: skip
-    return sid
-
-
 def _rows(factory, sid: str) -> list[int]:  # noqa: ANN001
     with factory() as db:
         return [db.execute(text(f"SELECT count(*) FROM {t} WHERE {c} = :s"), {"s": sid}).scalar()
@@ -238,7 +212,7 @@ def test_deleting_a_long_session_hides_it_at_once_and_removes_it_in_short_transa
     dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(200)}, metrics=Metrics())
     with factory.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
-    sid = _long_session(factory, ann, messages=2000, events=20000)
+    sid = fill(factory, ann, messages=2000, events=20000)
     deletes: list[int] = []
     sa_event.listen(engine, "after_cursor_execute",
                     lambda conn, cur, sql, *a: deletes.append(cur.rowcount) if sql.startswith("DELETE") else None)  # fmt: skip
@@ -287,7 +261,7 @@ def test_a_purge_cut_off_by_a_shutdown_goes_on_at_the_next_start(tmp_path) -> No
     factory = make_session_factory(engine)
     with factory.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
-    sid = _long_session(factory, ann, messages=600, events=3000)
+    sid = fill(factory, ann, messages=600, events=3000)
     with factory.begin() as db:
         db.execute(text("UPDATE messages SET status = 'running' WHERE session_id = :s AND position = 599"), {"s": sid})
         store.mark_deleted(db, session=db.get(ChatSession, sid))
