@@ -515,7 +515,7 @@ class DialogueManager:
     def _decide(
         self, db: Session, turn: _Turn, msgs: Sequence[ContextRow], refs: Mapping[str, Row] | None = None
     ) -> tuple[Decision, list[HistoryItem]]:
-        """Route ``turn`` given the session's messages before it (``store.context`` rows) and its
+        """Route ``turn`` given the session's messages before it (``state.context`` rows) and its
         attachments (``attachment_refs``; read here when None and a message names one); raises
         ``UnknownSkill``. Returns the decision and the history the skill gets."""
         if refs is None:

@@ -377,9 +377,9 @@ def replay_events(db: Session, *, session_id: str, after_seq: int, streaming_fro
 
 
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Row]:
-    """The session's logged events after ``after_seq``, in order, as rows of ``seq``, ``type`` and
-    ``payload``: a prepared Core read, since a client that resumes an old conversation from 0 has
-    every frame of it replayed while the event loop waits (a 100-turn session: 4,301 events)."""
+    """All the session's logged events after ``after_seq``, deltas included, in order, as rows of
+    ``seq``, ``type`` and ``payload`` (the whole log, as the tests read it; a resume sends
+    ``replay_events``)."""
     return db.connection().execute(_EVENTS_AFTER, {"sid": session_id, "after": after_seq}).all()
 
 
