@@ -170,10 +170,8 @@ def attachment_in_use(db: Session, row: Attachment) -> bool:
     return any(row.id in (ids or ()) for ids in lists)
 
 
-def session_attachments(db: Session, *, session_id: str, kind: str | None = None) -> Sequence[Attachment]:
+def session_attachments(db: Session, *, session_id: str) -> Sequence[Attachment]:
     stmt = select(Attachment).where(Attachment.session_id == session_id)
-    if kind is not None:
-        stmt = stmt.where(Attachment.kind == kind)
     return db.scalars(stmt.order_by(Attachment.created_at, Attachment.id)).all()
 
 
