@@ -1,7 +1,7 @@
 """The speech inference worker: owns the Whisper model (openai-whisper) and one decoding thread.
 
 Utterances from every session go into one queue. The thread takes what has arrived (waiting a few
-milliseconds for more when it finds only one), pads each utterance of up to 30 s to a 30-second
+milliseconds for more when it finds only one and the last batch had company), pads each utterance of up to 30 s to a 30-second
 log-mel segment and decodes them together with one ``whisper.decode(model, mel[N, n_mels, 3000])``.
 Requests that arrive while a batch runs wait in the queue and form the next batch. On a GPU the
 windows go through ``skills.speech_decoder.StaticWhisperDecoder`` instead (the same greedy decoding
@@ -41,7 +41,7 @@ class SpeechWorkerOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     language: str | None = None  # None: detect per utterance (multilingual models)
     batch_size: int = 16  # most utterances decoded together
-    batch_wait_ms: float = 10.0  # how long a lone utterance waits for company
+    batch_wait_ms: float = 10.0  # how long a lone utterance waits for company (only while they come together)
     max_tokens: int = 224  # most tokens decoded per 30-second window
     engine: str = "auto"  # static | library | auto (static on a GPU): see skills/speech_decoder.py
     in_process: bool = True  # False: the model runs in a child process (skills/model_process.py)
@@ -71,6 +71,7 @@ class SpeechWorker:
         self.language: str | None = options.language
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._together = False  # the last batch had more than one utterance (see _next_batch)
         self.host: ModelProcess | None = None  # the model's process, when not in this one
         # Observability: sizes of the recent batched decodes, and calls per path.
         self.batch_sizes: deque[int] = deque(maxlen=256)
@@ -195,8 +196,11 @@ class SpeechWorker:
     # ------------------------------------------------------------------ the decoding thread
 
     def _next_batch(self, first: _Request) -> tuple[list[_Request], bool]:
+        """``first`` and what else is queued. The batch waits up to ``batch_wait_ms`` for company only
+        while utterances come together (the last batch had more than one): a lone speaker's utterance
+        starts at once, and under concurrent load what arrives during a decode forms the next batch."""
         batch, stop = [first], False
-        deadline = time.monotonic() + self.options.batch_wait_ms / 1000
+        deadline = time.monotonic() + (self.options.batch_wait_ms / 1000 if self._together else 0.0)
         while len(batch) < self.options.batch_size:
             try:
                 # Take what is queued already; wait a little only while the batch is still small.
@@ -207,6 +211,7 @@ class SpeechWorker:
                 stop = True
                 break
             batch.append(item)
+        self._together = len(batch) > 1
         return batch, stop
 
     def _loop(self) -> None:

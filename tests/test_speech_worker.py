@@ -4,6 +4,8 @@ sends long audio through chunked transcription, and reports a model it cannot lo
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from assistant.audio import decode_file
 from skills.base import SkillError
 from skills.speech import SpeechSkill
-from skills.speech_worker import SpeechWorker, SpeechWorkerOptions
+from skills.speech_worker import SpeechWorker, SpeechWorkerOptions, _Request
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,28 @@ def test_concurrent_utterances_are_decoded_together(worker: SpeechWorker, uttera
     assert max(worker.batch_sizes) >= 2
     # The same audio gives the same transcript wherever it sits in a batch.
     assert results[0].text == results[-1].text
+
+
+def test_a_lone_utterance_starts_at_once_and_company_is_awaited_while_utterances_come_together(
+    tiny_whisper: Path, utterance: np.ndarray
+) -> None:
+    # A speaker alone: with ten minutes to wait for company, the utterance is still decoded at once.
+    alone = SpeechWorker(SpeechWorkerOptions(model=str(tiny_whisper), device="cpu", max_tokens=6, batch_wait_ms=600_000))
+    alone.load()
+    try:
+        assert alone.submit(utterance).result(timeout=60).text
+        assert alone.submit(utterance * 0.5).result(timeout=60).text
+        assert list(alone.batch_sizes) == [1, 1]
+    finally:
+        alone.close()
+
+    # Once a batch had company, the next lone utterance waits for the one that arrives 0.3 s later.
+    busy = SpeechWorker(SpeechWorkerOptions(model="unused", batch_size=2, batch_wait_ms=30_000))
+    utterances = [_Request(utterance, Future()) for _ in range(4)]
+    busy._queue.put(utterances[1])
+    assert busy._next_batch(utterances[0]) == ([utterances[0], utterances[1]], False)
+    threading.Timer(0.3, busy._queue.put, [utterances[3]]).start()
+    assert busy._next_batch(utterances[2]) == ([utterances[2], utterances[3]], False)
 
 
 def test_audio_over_30_seconds_goes_through_chunked_transcription(worker: SpeechWorker, utterance) -> None:  # noqa: ANN001
