@@ -116,6 +116,8 @@ class SpeechWorker:
                 "Set ASSISTANT_SPEECH_MODEL to a Whisper checkpoint file or a name this machine can fetch "
                 f"({', '.join(whisper.available_models())})"
             ) from exc
+        if device.startswith("cuda"):
+            float16_layers(model)
         self.model, self.device = model.eval(), device
         # English-only checkpoints have no language tokens: they cannot detect a language.
         self.language = opts.language or (None if model.is_multilingual else "en")
@@ -308,6 +310,19 @@ class SpeechWorker:
             )
         tokens = sum(len(seg.get("tokens", ())) for seg in out.get("segments", ()))
         return Transcription(str(out.get("text", "")).strip(), out.get("language"), tokens)
+
+
+def float16_layers(model: Any) -> None:
+    """Store the weights of whisper's ``Linear`` and ``Conv1d`` layers in float16, the dtype they
+    compute in on a GPU. As loaded they are float32, and each of those layers casts its weight and
+    bias to the input's dtype at every call: a copy kernel and a read of the weights per layer per
+    decode step. The cast gives the same float16 values whenever it is done, so results do not
+    change. Layer norms keep float32: whisper's ``LayerNorm`` computes in float32."""
+    import whisper.model
+
+    for module in model.modules():
+        if isinstance(module, (whisper.model.Linear, whisper.model.Conv1d)):
+            module.half()
 
 
 def load_speech_model(options: SpeechWorkerOptions) -> SpeechWorker:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from skills.lifecycle import ModelLoadError
-from skills.speech_worker import SpeechWorker, SpeechWorkerOptions
+from skills.speech_worker import SpeechWorker, SpeechWorkerOptions, float16_layers
 from tests.speech_fixtures import build_tiny_whisper, speak
 
 SENTENCES = ["what is in this photo", "turn the lights off in the kitchen", "seven plus five is twelve"]
@@ -165,6 +165,41 @@ def test_the_bench_whisper_base_passes_the_load_check_in_cuda_float16(tmp_path: 
         assert worker.decoder is not None
     finally:
         worker.close()
+
+
+def test_float16_layers_change_no_result_and_copy_no_weight_per_call(tmp_path: Path, clips: list[np.ndarray]) -> None:
+    """On a GPU the worker stores whisper's Linear and Conv1d weights in float16 (``float16_layers``).
+    Computing in float16, whisper.decode then gives the tokens it gives on the float32 weights as
+    loaded, the decoder the same logits, and a decoder forward no longer copies each layer's weights
+    (float16 on the CPU here: the same operations)."""
+    import torch
+    import whisper
+    from torch.profiler import ProfilerActivity, profile
+
+    path = build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)
+    loaded, halved = load(path), load(path)
+    float16_layers(halved)
+    batch = mels(loaded, clips).half()
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=SAMPLE_LEN, fp16=True)
+    with torch.inference_mode():
+        want = whisper.decode(loaded, batch, options)
+        assert all(r.tokens for r in want)
+        assert [r.tokens for r in whisper.decode(halved, batch, options)] == [r.tokens for r in want]
+        audio = loaded.encoder(batch[:1])
+        assert torch.equal(halved.encoder(batch[:1]), audio)
+        tokens = torch.tensor([[*want[0].tokens[:8]]])
+
+        def copies(model) -> tuple[torch.Tensor, int]:  # noqa: ANN001
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                logits = model.decoder(tokens, audio)
+            return logits, sum(e.name == "aten::_to_copy" for e in prof.events())
+
+        (want_logits, before), (logits, after) = copies(loaded), copies(halved)
+    assert torch.equal(logits, want_logits)
+    layers = [m for m in loaded.decoder.modules() if isinstance(m, whisper.model.Linear)]
+    assert before - after == sum(1 + (m.bias is not None) for m in layers), "one weight and bias copy per layer call"
+    assert all(m.weight.dtype == torch.float16 for m in halved.modules() if isinstance(m, (whisper.model.Linear, whisper.model.Conv1d)))
+    assert all(m.weight.dtype == torch.float32 for m in halved.modules() if isinstance(m, whisper.model.LayerNorm))
 
 
 def test_the_random_test_and_bench_whispers_have_no_uninitialised_weights(tmp_path: Path) -> None:
