@@ -16,7 +16,8 @@ One websocket per client at `/v1/ws`. Authenticate with `Authorization: Bearer <
 browser, `?token=<token>`. The server first sends `server.hello` (protocol version, skills, limits).
 Every frame is one JSON event with a `type`. Events of a session carry `seq`, monotonic per session:
 after a reconnect send `session.resume` with the last `seq` you saw and the server replays what you
-missed, then streams live. Every bad frame gets an `error` event with a stable `code` and your
+missed, then streams live (with `batch: true`, the missed events come grouped in `session.replay`
+frames). Every bad frame gets an `error` event with a stable `code` and your
 `event_id`; the connection stays usable unless it was closed with code 4401 (unauthorized).
 Binary frames carry audio: after `audio.start`, raw PCM16 little-endian mono 16 kHz samples
 (`AudioFrame`), appended to the connection's buffer until `audio.commit` or `audio.clear`."""

@@ -208,17 +208,20 @@ class DialogueManager:
         self._fan_out(sess.id, frame)
         return sess.id
 
-    def resume(self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None) -> None:
+    def resume(
+        self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None, batch: bool = False
+    ) -> None:
         """Replay the log after ``last_seq`` (``store.replay_events``: without the deltas of replies
-        that have ended) and watch the session. Runs without awaiting, so no live event can slip
-        between the replay and the subscription."""
+        that have ended), in ``session.replay`` frames when ``batch``, and watch the session. Runs
+        without awaiting, so no live event can slip between the replay and the subscription."""
         with self._db() as db:
             sess = self._owned(db, user_id, session_id)
             streaming = self._writer.streaming_from(session_id)
             missed = store.replay_events(db, session_id=session_id, after_seq=last_seq, streaming_from=streaming)
             current = sess.last_seq
         if missed:
-            sub.replay([ev.payload for ev in missed])
+            frames = [ev.payload for ev in missed]
+            sub.replay(p.replay_frames(session_id, frames) if batch else frames)
         self.subscribe(session_id, sub)
         sub.deliver(
             p.dump_event(

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"  # 1.1: session.resume {batch} and session.replay
+REPLAY_BATCH_CHARS = 256 * 1024  # characters of events a session.replay frame holds, at most (but one event)
 
 
 class _Event(BaseModel):
@@ -45,6 +46,12 @@ class SessionResume(_ClientEvent):
     type: Literal["session.resume"] = "session.resume"
     session_id: str = Field(max_length=64)
     last_seq: int = Field(default=0, ge=0)
+    batch: bool = Field(
+        default=False,
+        description="Replay in ``session.replay`` frames that hold many events each, instead of a frame per"
+        " event: a browser takes in a long conversation's few large frames much sooner than its"
+        " hundreds of small ones (since protocol 1.1).",
+    )
 
 
 class TurnCreate(_ClientEvent):
@@ -167,6 +174,17 @@ class SessionCreated(_ServerEvent):
     type: Literal["session.created"] = "session.created"
     session_id: str
     session: SessionInfo
+
+
+class SessionReplay(_ServerEvent):
+    """Part of a batched replay (``session.resume`` with ``batch``): logged events of the session, in
+    seq order, each exactly as it would have come in a frame of its own. A frame holds up to
+    ``REPLAY_BATCH_CHARS`` characters of events (one event longer than that comes alone); ``session.resumed`` follows the
+    last. It has no seq of its own."""
+
+    type: Literal["session.replay"] = "session.replay"
+    session_id: str
+    events: list[dict[str, Any]]
 
 
 class SessionResumed(_ServerEvent):
@@ -329,6 +347,7 @@ ServerEvent = Annotated[
     Union[
         ServerHello,
         SessionCreated,
+        SessionReplay,
         SessionResumed,
         TurnCreated,
         TurnQueued,
@@ -394,6 +413,26 @@ def parse_client_event(raw: str) -> ClientEvent:
 
 def dump_event(event: BaseModel) -> str:
     return event.model_dump_json(exclude_none=True)
+
+
+def replay_frames(session_id: str, frames: list[str], max_chars: int = REPLAY_BATCH_CHARS) -> list[str]:
+    """Logged frames grouped into ``session.replay`` frames of at most ``max_chars`` characters of
+    events each (a longer event alone), spliced in as they are: nothing is parsed or serialised again."""
+    head = dump_event(SessionReplay(session_id=session_id, events=[]))
+    assert head.endswith("[]}"), head  # events is the last field
+    head = head[:-2]
+    out: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for frame in frames:
+        if chunk and size + len(frame) + 1 > max_chars:
+            out.append(head + ",".join(chunk) + "]}")
+            chunk, size = [], 0
+        chunk.append(frame)
+        size += len(frame) + 1
+    if chunk:
+        out.append(head + ",".join(chunk) + "]}")
+    return out
 
 
 def dump_at_seq(event: BaseModel) -> Callable[[int], str]:

@@ -1,4 +1,5 @@
-"""Opening a long conversation in the browser: the time from the click to every turn drawn.
+"""Opening a long conversation in the browser: the time from the click to the first replies shown
+(the newest turns, drawn first) and to every turn drawn.
 
 A server with the model-free flood skill (``--words`` a reply) gets one session of ``--turns`` turns
 over the websocket; then headless Chromium (Debian's, through Playwright, as the browser tests run
@@ -46,11 +47,16 @@ def open_once(browser, server: ServerProcess, sid: str, turns: int) -> dict:  # 
         page.wait_for_selector(f"[data-testid=sessions] li[data-id='{sid}']")
         t0 = time.perf_counter()
         page.locator(f"[data-testid=sessions] li[data-id='{sid}'] .session-title").click()
-        page.wait_for_function(
-            "(n) => document.querySelectorAll('[data-testid=assistant-message][data-status=completed]').length >= n",
-            arg=turns, timeout=120_000,
+        drawn = "(n) => document.querySelectorAll('[data-testid=assistant-message][data-status=completed]').length >= n"
+        page.wait_for_function(drawn, arg=1, timeout=120_000)
+        shown = time.perf_counter() - t0
+        page.wait_for_function(drawn, arg=turns, timeout=120_000)
+        done = time.perf_counter() - t0
+        newest = page.evaluate(
+            "() => [...document.querySelectorAll('[data-testid=user-message] .text')].at(-1)?.textContent"
         )  # fmt: skip
-        return {"open_ms": round((time.perf_counter() - t0) * 1e3)}
+        assert newest == f"question {turns - 1}", newest
+        return {"first_shown_ms": round(shown * 1e3), "open_ms": round(done * 1e3)}
     finally:
         context.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ def test_three_turns_stream_and_each_prompt_carries_the_earlier_turns(server: Li
 
     async def go() -> tuple[str, list[dict], list[dict]]:
         async with ws_client(server, token) as c:
-            assert c.hello["type"] == "server.hello" and c.hello["protocol_version"] == "1.0"
+            assert c.hello["type"] == "server.hello" and c.hello["protocol_version"] == "1.1"
             assert {"name": "chat", "ready": True, "state": "ready"} in c.hello["skills"]
             sid = await c.new_session()
             dones, prompts = [], []
@@ -83,6 +84,43 @@ def test_resume_replays_what_was_missed_an_ended_reply_as_its_done(server: LiveS
             assert done["seq"] > resumed["last_seq"]
 
     asyncio.run(go())
+
+
+def test_a_batched_resume_sends_the_same_events_in_session_replay_frames(server: LiveServer) -> None:
+    from assistant import protocol as p
+
+    token = server.token("alice")
+
+    async def go() -> tuple[str, list[dict]]:
+        async with ws_client(server, token) as c:
+            sid = await c.new_session()
+            for text in ("first", "second", "third"):
+                await c.turn(sid, text)
+        async with ws_client(server, token) as plain, ws_client(server, token) as batched:
+            await plain.send(type="session.resume", session_id=sid, last_seq=0)
+            want_resumed = await plain.until_type("session.resumed")
+            await batched.send(type="session.resume", session_id=sid, last_seq=0, batch=True)
+            resumed = await batched.until_type("session.resumed")
+            want = [e for e in plain.events if "seq" in e]
+            assert [e["type"] for e in batched.events[1:]] == ["session.replay", "session.resumed"]
+            replay = batched.events[1]
+            assert replay["session_id"] == sid and "seq" not in replay and replay["events"] == want
+            assert {**resumed, "event_id": None} == {**want_resumed, "event_id": None} and resumed["replayed"] == len(want)
+            # After the replay the connection follows the session live, as after a plain resume.
+            _, done = await batched.turn(sid, "fourth")
+            assert done["seq"] > resumed["last_seq"]
+            return sid, want
+
+    sid, want = asyncio.run(go())
+    # Larger replays are split: frames of at most max_chars characters of events, a longer event alone.
+    frames = [json.dumps(e, separators=(",", ":")) for e in want]
+    limit = max(len(f) for f in frames) - 1
+    parts = [json.loads(f)["events"] for f in p.replay_frames(sid, frames, max_chars=limit)]
+    assert [e for part in parts for e in part] == want and len(parts) > 1
+    sizes = iter(len(f) + 1 for f in frames)
+    chunks = [[next(sizes) for _ in part] for part in parts]
+    assert all(len(c) == 1 or sum(c) <= limit for c in chunks)
+    assert any(len(c) == 1 and c[0] > limit for c in chunks), "the longest event came alone"
 
 
 def test_two_tabs_on_one_session_both_see_the_stream(server: LiveServer) -> None:

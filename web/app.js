@@ -32,6 +32,7 @@ const state = {
   openId: null, models: new Map(), titles: new Map(), pending: new Map(), create: null, renaming: false,
   replaying: new Set(), // sessions whose resume is being answered: drawn once, when it ends
   paints: 0, // times the thread was drawn (tests: a replay is drawn once, not per event)
+  frames: 0, // text frames received (tests: a replay comes batched)
   skills: new Map(), // name -> {ready, state, detail}
   tray: [], // attachments uploaded for the next turn: {id, localUrl, name, uploading}
   audio: null, // {sessionId, recorder, started, queue, review}
@@ -226,7 +227,9 @@ function send(event) {
 }
 
 function resume(sessionId) {
-  if (send({ type: "session.resume", event_id: newId(), session_id: sessionId, last_seq: model(sessionId).lastSeq })) {
+  // batch: the replay comes as a few session.replay frames of many events, not a frame per event
+  const lastSeq = model(sessionId).lastSeq;
+  if (send({ type: "session.resume", event_id: newId(), session_id: sessionId, last_seq: lastSeq, batch: true })) {
     state.replaying.add(sessionId);
   }
 }
@@ -249,9 +252,17 @@ function turnOf(m, id) {
 // --- server events
 function onFrame(data) {
   if (typeof data !== "string") return;
+  state.frames += 1;
   let ev;
   try { ev = JSON.parse(data); } catch { return; }
-  const special = { "server.hello": onHello, "session.resumed": onResumed, error: onError, pong: () => {} }[ev.type];
+  onEvent(ev);
+}
+
+function onEvent(ev) {
+  const special = {
+    "server.hello": onHello, "session.resumed": onResumed, "session.replay": (r) => r.events.forEach(onEvent),
+    error: onError, pong: () => {},
+  }[ev.type];
   if (special) return special(ev);
   if (!ev.session_id) return;
   const m = model(ev.session_id);
@@ -386,6 +397,7 @@ function openSession(sessionId, { resume: doResume = true } = {}) {
   state.openId = sessionId;
   view.clear();
   changed.clear(); // the other session's turns, not drawn yet
+  clearBacklog();
   el.thread.replaceChildren();
   if (sessionId) {
     for (const t of model(sessionId).turns.values()) renderTurn(sessionId, t);
@@ -411,11 +423,13 @@ function renderOpenThread() {
   for (const t of model(state.openId).turns.values()) renderTurn(state.openId, t);
 }
 
-function buildTurn() {
-  const user = make("div", "msg user", "user-message", el.thread);
+function buildTurn(before = null) {
+  const user = make("div", "msg user", "user-message");
   const images = make("div", "images", null, user);
   const userText = make("div", "text", null, user);
-  const bot = make("div", "msg assistant", "assistant-message", el.thread);
+  const bot = make("div", "msg assistant", "assistant-message");
+  el.thread.insertBefore(user, before);
+  el.thread.insertBefore(bot, before);
   const chip = make("details", "chip", "route-chip", bot);
   const summary = make("summary", "", null, chip);
   const menu = make("div", "chip-menu", null, chip);
@@ -446,14 +460,56 @@ function paintTurns() {
   paintFrame = paintTimer = 0;
   state.paints += 1;
   const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
-  for (const t of changed) drawTurn(t);
+  if (!view.size && changed.size > BACKLOG_CHUNK) {
+    // An opened conversation: its newest turns now, the older ones above them in the tasks that follow
+    // (laying out 300 long replies at once took 200 ms on the 2-core CPU, before any was shown).
+    const turns = [...changed];
+    backlog = turns.slice(0, -BACKLOG_CHUNK);
+    for (const t of backlog) pending.add(t);
+    backlogSoon();
+  }
+  for (const t of changed) if (!pending.has(t)) drawTurn(t);
   changed.clear();
   if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight;
   updateControls();
 }
 
-function drawTurn(t) {
-  if (!view.has(t.id)) view.set(t.id, buildTurn());
+const BACKLOG_CHUNK = 40; // turns drawn at a time when a long conversation opens
+let backlog = []; // the open conversation's turns not drawn yet, oldest first: they go above the drawn ones
+const pending = new Set(); // the turns in backlog
+let backlogFrame = 0;
+let backlogTimer = 0;
+
+function backlogSoon() { // a chunk a frame, so that each is shown before the next is laid out
+  backlogFrame = requestAnimationFrame(drawBacklog);
+  backlogTimer = setTimeout(drawBacklog, 50); // a hidden page gets no animation frames
+}
+
+function drawBacklog() {
+  cancelAnimationFrame(backlogFrame);
+  clearTimeout(backlogTimer);
+  backlogFrame = backlogTimer = 0;
+  state.paints += 1;
+  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
+  const top = el.thread.firstChild;
+  for (const t of backlog.splice(-BACKLOG_CHUNK)) {
+    pending.delete(t);
+    drawTurn(t, top);
+  }
+  if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight; // else the browser keeps what is in view in place
+  if (backlog.length) backlogSoon();
+}
+
+function clearBacklog() {
+  cancelAnimationFrame(backlogFrame);
+  clearTimeout(backlogTimer);
+  backlogFrame = backlogTimer = 0;
+  backlog = [];
+  pending.clear();
+}
+
+function drawTurn(t, before = null) {
+  if (!view.has(t.id)) view.set(t.id, buildTurn(before));
   const v = view.get(t.id);
   v.userText.textContent = t.text;
   v.user.dataset.input = t.input;

@@ -1,13 +1,13 @@
-"""Opening a long conversation in the browser: every turn is there, drawn once when its replay has
-arrived (not once per event: 300 turns took 5-6 s on the 2-core CPU, each event forcing a layout of
-the whole thread), with the ended replies shown from their ``response.done``."""
+"""Opening a long conversation in the browser: every turn is there, in order, drawn when its replay
+has arrived (not once per event: 300 turns took 5-6 s on the 2-core CPU, each event forcing a layout
+of the whole thread), the newest turns first and the older ones above them, with the ended replies
+shown from their ``response.done``, and the thread left at its end."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +26,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     srv.stop()
 
 
-def test_a_long_conversation_opens_whole_drawn_once_and_scrolled_to_its_end(browser, live: LiveServer) -> None:  # noqa: ANN001
+def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_its_end(browser, live: LiveServer) -> None:  # noqa: ANN001
     token = live.token("lena")
 
     async def build() -> str:
@@ -41,7 +41,7 @@ def test_a_long_conversation_opens_whole_drawn_once_and_scrolled_to_its_end(brow
     page = open_app(browser, live, token)
     try:
         page.wait_for_selector(f"[data-testid=sessions] li[data-id='{sid}']")
-        paints = page.evaluate("() => window.__assistant.state.paints")
+        paints, frames = page.evaluate("() => [window.__assistant.state.paints, window.__assistant.state.frames]")
         page.locator(f"[data-testid=sessions] li[data-id='{sid}'] .session-title").click()
         page.wait_for_function(
             "(n) => document.querySelectorAll('[data-testid=assistant-message][data-status=completed]').length >= n",
@@ -55,8 +55,11 @@ def test_a_long_conversation_opens_whole_drawn_once_and_scrolled_to_its_end(brow
         last = [m for m in stored if m["role"] == "assistant"][-1]["text"]
         assert bodies.nth(TURNS - 1).text_content() == rendered(page, last) and last.strip()
         assert bodies.nth(0).text_content() == rendered(page, [m for m in stored if m["role"] == "assistant"][0]["text"])
-        # 450 replayed events, drawn in a couple of paints (the opening, and the replay's end)
-        assert page.evaluate("() => window.__assistant.state.paints") - paints <= 3
+        # 450 replayed events, drawn in a few paints: the opening, the replay's end (its newest 40
+        # turns), then the older turns above them, 40 a frame
+        assert page.evaluate("() => window.__assistant.state.paints") - paints <= 2 + -(-(TURNS - 40) // 40)
+        # which came batched (session.resume with batch): a session.replay frame and session.resumed
+        assert page.evaluate("() => window.__assistant.state.frames") - frames == 2
         at_end = page.evaluate(
             "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
         )
