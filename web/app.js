@@ -442,31 +442,46 @@ function buildTurn(before = null) {
 // long conversation (thousands of events) lays the thread out once, not once per event (which took
 // seconds for 300 turns, every event forcing a layout of the whole thread to keep it scrolled).
 const changed = new Set();
-let paintFrame = 0;
-let paintTimer = 0;
+// fn in the next animation frame, or in 50 ms on a hidden page (which gets no frames); once until it runs
+function nextFrame(fn) {
+  const s = { frame: 0, timer: 0 };
+  s.cancel = () => {
+    cancelAnimationFrame(s.frame);
+    clearTimeout(s.timer);
+    s.frame = s.timer = 0;
+  };
+  const run = () => { s.cancel(); fn(); };
+  s.schedule = () => {
+    if (s.frame) return;
+    s.frame = requestAnimationFrame(run);
+    s.timer = setTimeout(run, 50);
+  };
+  return s;
+}
+const paint = nextFrame(paintTurns);
+const backlogStep = nextFrame(drawBacklog); // a chunk a frame, so that each is shown before the next is laid out
+
 function renderTurn(sessionId, t) {
   if (!t || sessionId !== state.openId) return;
   changed.add(t);
   paintSoon();
 }
 function paintSoon() {
-  if (paintFrame || state.replaying.has(state.openId)) return;
-  paintFrame = requestAnimationFrame(paintTurns);
-  paintTimer = setTimeout(paintTurns, 50); // a hidden page gets no animation frames
+  if (!state.replaying.has(state.openId)) paint.schedule();
+}
+function atEnd() {
+  return el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
 }
 function paintTurns() {
-  cancelAnimationFrame(paintFrame);
-  clearTimeout(paintTimer);
-  paintFrame = paintTimer = 0;
+  paint.cancel();
   state.paints += 1;
-  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
+  const nearBottom = atEnd();
   if (!view.size && changed.size > BACKLOG_CHUNK) {
-    // An opened conversation: its newest turns now, the older ones above them in the tasks that follow
+    // An opened conversation: its newest turns now, the older ones above them in the frames that follow
     // (laying out 300 long replies at once took 200 ms on the 2-core CPU, before any was shown).
-    const turns = [...changed];
-    backlog = turns.slice(0, -BACKLOG_CHUNK);
+    backlog = [...changed].slice(0, -BACKLOG_CHUNK);
     for (const t of backlog) pending.add(t);
-    backlogSoon();
+    backlogStep.schedule();
   }
   for (const t of changed) if (!pending.has(t)) drawTurn(t);
   changed.clear();
@@ -477,33 +492,21 @@ function paintTurns() {
 const BACKLOG_CHUNK = 40; // turns drawn at a time when a long conversation opens
 let backlog = []; // the open conversation's turns not drawn yet, oldest first: they go above the drawn ones
 const pending = new Set(); // the turns in backlog
-let backlogFrame = 0;
-let backlogTimer = 0;
-
-function backlogSoon() { // a chunk a frame, so that each is shown before the next is laid out
-  backlogFrame = requestAnimationFrame(drawBacklog);
-  backlogTimer = setTimeout(drawBacklog, 50); // a hidden page gets no animation frames
-}
 
 function drawBacklog() {
-  cancelAnimationFrame(backlogFrame);
-  clearTimeout(backlogTimer);
-  backlogFrame = backlogTimer = 0;
   state.paints += 1;
-  const nearBottom = el.thread.scrollHeight - el.thread.scrollTop - el.thread.clientHeight < 120;
+  const nearBottom = atEnd();
   const top = el.thread.firstChild;
   for (const t of backlog.splice(-BACKLOG_CHUNK)) {
     pending.delete(t);
     drawTurn(t, top);
   }
   if (nearBottom) el.thread.scrollTop = el.thread.scrollHeight; // else the browser keeps what is in view in place
-  if (backlog.length) backlogSoon();
+  if (backlog.length) backlogStep.schedule();
 }
 
 function clearBacklog() {
-  cancelAnimationFrame(backlogFrame);
-  clearTimeout(backlogTimer);
-  backlogFrame = backlogTimer = 0;
+  backlogStep.cancel();
   backlog = [];
   pending.clear();
 }
