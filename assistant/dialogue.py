@@ -12,6 +12,7 @@ running as ``interrupted``.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import Counter, deque
@@ -211,17 +212,20 @@ class DialogueManager:
     def resume(
         self, *, user_id: str, session_id: str, last_seq: int, sub: Subscriber, event_id: str | None, batch: bool = False
     ) -> None:
-        """Replay the log after ``last_seq`` (``store.replay_events``: without the deltas of replies
-        that have ended), in ``session.replay`` frames when ``batch``, and watch the session. Runs
-        without awaiting, so no live event can slip between the replay and the subscription."""
+        """Replay the log after ``last_seq`` (every event but the deltas of replies that have ended,
+        whose ``response.done`` has the whole text) and the deltas of the reply streaming now, in
+        ``session.replay`` frames when ``batch``, and watch the session. Runs without awaiting, so
+        no live event can slip between the replay and the subscription."""
         with self._db() as db:
             sess = self._owned(db, user_id, session_id)
-            streaming = self._writer.streaming_from(session_id)
-            missed = store.replay_events(db, session_id=session_id, after_seq=last_seq, streaming_from=streaming)
+            logged = store.events_after(db, session_id=session_id, after_seq=last_seq)
             current = sess.last_seq
+        missed = [ev.payload for ev in logged]
+        streaming = self._writer.streaming_after(session_id, last_seq)
+        if streaming:  # merged by seq: another turn's events (a queued one cancelled) may fall between
+            missed = [frame for _, frame in heapq.merge(((ev.seq, ev.payload) for ev in logged), streaming)]
         if missed:
-            frames = [ev.payload for ev in missed]
-            sub.replay(p.replay_frames(session_id, frames) if batch else frames)
+            sub.replay(p.replay_frames(session_id, missed) if batch else missed)
         self.subscribe(session_id, sub)
         sub.deliver(
             p.dump_event(

@@ -12,8 +12,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 DEFAULT_TITLE = "New chat"  # until the first turn names the session
 # A message that names attachments: the condition of the partial index ix_messages_attached.
 NAMES_ATTACHMENTS = "attachment_ids != '[]'"
-# An event that is not a streamed delta: the condition of the partial index ix_events_not_delta.
-NOT_DELTA = "type != 'response.delta'"
 
 
 def new_id() -> str:
@@ -121,11 +119,11 @@ class Attachment(Base):
 
 
 class Event(Base):
-    """The per-session log of server events, in ``seq`` order, replayed to resuming clients."""
+    """The per-session log of server events, in ``seq`` order, replayed to resuming clients. Streamed
+    ``response.delta``s get their seq but no row: while their reply streams they are kept in memory
+    (``assistant.stream_writer``), and its ``response.done`` carries the whole text."""
 
     __tablename__ = "events"
-    # The events other than streamed deltas (a few a turn), read without the deltas by a resume.
-    __table_args__ = (Index("ix_events_not_delta", "session_id", "seq", sqlite_where=text(NOT_DELTA)),)
 
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import operator
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Row, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from state.models import DEFAULT_TITLE, NOT_DELTA, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
+from state.models import DEFAULT_TITLE, Attachment, ChatSession, Event, Message, Token, User, new_id, utcnow
 
 UNFINISHED = ("received", "queued", "routed", "running")
 
@@ -266,17 +265,6 @@ _EVENTS_AFTER = (
     .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"))
     .order_by(_events_t.c.seq)
 )
-_NOT_DELTAS_AFTER = (  # the partial index's own condition as literal SQL, so SQLite uses it
-    select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)
-    .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"), text(f"events.{NOT_DELTA}"))
-    .order_by(_events_t.c.seq)
-)
-_DELTAS_AFTER = (
-    select(_events_t.c.seq, _events_t.c.type, _events_t.c.payload)
-    .where(_events_t.c.session_id == bindparam("sid"), _events_t.c.seq > bindparam("after"), _events_t.c.type == "response.delta")
-    .order_by(_events_t.c.seq)
-)
-_SEQ = operator.attrgetter("seq")
 _SET_TEXT = update(_messages_t).where(_messages_t.c.id == bindparam("mid")).values(text=bindparam("body"))
 
 
@@ -286,12 +274,17 @@ def append_event(db: Session, *, session_id: str, event_type: str, payload_for_s
 
 
 def append_events(
-    db: Session, *, events: list[tuple[str, str, Callable[[int], str]]], skip_missing: bool = False
+    db: Session,
+    *,
+    events: list[tuple[str, str, Callable[[int], str]]],
+    skip_missing: bool = False,
+    unlogged: Collection[str] = (),
 ) -> list[tuple[int, str]]:
     """Log many events at once (group commit): ``(session_id, event_type, payload_for_seq)`` each,
     in order; one seq update per session and one multi-row insert. Returns (seq, payload) each.
-    A session that does not exist raises LookupError; with ``skip_missing`` its events are not
-    logged and their entries are None (the others' are unaffected)."""
+    Events of a type in ``unlogged`` get their seq but no row. A session that does not exist
+    raises LookupError; with ``skip_missing`` its events are not logged and their entries are None
+    (the others' are unaffected)."""
     db.flush()  # rows the ORM still holds (a new session) must exist before their events
     conn = db.connection()
     counts: dict[str, int] = {}
@@ -320,7 +313,8 @@ def append_events(
         seq = next_seq[session_id]
         next_seq[session_id] = seq + 1
         logged.append((seq, payload_for_seq(seq)))
-        rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": logged[-1][1], "created_at": now})
+        if event_type not in unlogged:
+            rows.append({"session_id": session_id, "seq": seq, "type": event_type, "payload": logged[-1][1], "created_at": now})
     if rows:
         conn.execute(insert(_events_t), rows)
     return logged  # type: ignore[return-value]
@@ -361,25 +355,10 @@ def title_from(text: str, *, capitalise: bool = False) -> str:
     return title[:1].upper() + title[1:] if capitalise else title
 
 
-def replay_events(db: Session, *, session_id: str, after_seq: int, streaming_from: int | None) -> list[Row]:
-    """What a client resuming after ``after_seq`` is sent, in order (rows of ``seq``, ``type`` and
-    ``payload``): every logged event after it but the deltas of replies that have ended, since
-    their ``response.done``, sent too, carries the whole text; of the reply streaming now (its
-    first delta at ``streaming_from``), the deltas after ``after_seq``. The events other than
-    deltas are read through a partial index, so opening a long conversation reads a few rows a
-    turn, not every frame of every reply (1,000 turns of 40 frames: 43,002)."""
-    conn = db.connection()
-    rows = conn.execute(_NOT_DELTAS_AFTER, {"sid": session_id, "after": after_seq}).all()
-    if streaming_from is None:
-        return rows
-    deltas = conn.execute(_DELTAS_AFTER, {"sid": session_id, "after": max(after_seq, streaming_from - 1)}).all()
-    return sorted([*rows, *deltas], key=_SEQ) if deltas else rows
-
-
 def events_after(db: Session, *, session_id: str, after_seq: int) -> Sequence[Row]:
-    """All the session's logged events after ``after_seq``, deltas included, in order, as rows of
-    ``seq``, ``type`` and ``payload`` (the whole log, as the tests read it; a resume sends
-    ``replay_events``)."""
+    """The session's logged events after ``after_seq``, in order, as rows of ``seq``, ``type`` and
+    ``payload``: what a resume replays, with the deltas of the reply streaming now, which are not
+    logged (``assistant.stream_writer``). An ended reply's ``response.done`` carries its whole text."""
     return db.connection().execute(_EVENTS_AFTER, {"sid": session_id, "after": after_seq}).all()
 
 

@@ -61,8 +61,10 @@ def test_concurrent_streams_share_transactions_and_lose_nothing(flood_server: Li
             reply = db.scalar(select(Message).where(Message.session_id == sid, Message.role == "assistant"))
             assert reply.text == expected and reply.first_token_at is not None
             assert reply.status == "completed" and reply.finished_at is not None
+            # logged: every event but the deltas, which the reply's text and its done hold
             logged = db.scalars(select(Event).where(Event.session_id == sid).order_by(Event.seq)).all()
-            assert [e.seq for e in logged][-len(seqs) :] == seqs
+            assert [e.seq for e in logged][-len(seqs) + len(deltas) :] == [e["seq"] for e in events if e not in deltas]
+            assert db.get(ChatSession, sid).last_seq == seqs[-1]
     batches = writer.batches - batches_before
     assert 0 < batches < frames, f"{frames} frames took {batches} transactions: no group commit"
 
@@ -110,7 +112,9 @@ def test_a_session_deleted_before_the_commit_fails_only_its_own_frames(tmp_path)
     with sessions() as db:
         reply = db.get(Message, kept_rid)
         assert (reply.text, reply.status, reply.completion_tokens) == ("hello", "completed", 1)
-        assert [e.type for e in store.events_after(db, session_id=kept_sid, after_seq=0)] == ["response.delta", "response.done"]
+        # the delta was sent (above) and numbered; the done, which holds the whole text, is logged
+        assert [e.type for e in store.events_after(db, session_id=kept_sid, after_seq=0)] == ["response.done"]
+        assert db.get(ChatSession, kept_sid).last_seq == 2
 
 
 class HistorySkill(ModelFreeSkill):
@@ -211,7 +215,10 @@ def test_turns_sent_at_once_are_admitted_in_one_transaction_and_each_fails_alone
         types = [t for t, _ in log]
         # the first is routed as it is admitted; the second waits behind it, then runs
         assert types[:4] == ["turn.created", "turn.routed", "turn.created", "turn.queued"]
-        assert [s for _, s in log] == list(range(2, 2 + len(log))), "seqs have gaps or are out of order"
+        seqs = [s for _, s in log]
+        assert seqs[:4] == [2, 3, 4, 5] and seqs == sorted(set(seqs)), "seqs have gaps or are out of order"
+        # the gaps after that are the replies' deltas: numbered and sent, not logged
+        assert db.get(ChatSession, a1).last_seq == seqs[-1] > len(seqs) + 1
         msgs = store.history(db, session_id=a1)
         assert [(m.position, m.role, m.text.strip()) for m in msgs] == [
             (0, "user", "first"), (1, "assistant", "[first] saw nothing"),

@@ -16,7 +16,7 @@ from sqlalchemy import inspect, text
 from state import db as state_db
 from state import store
 from state.attachments import BlobStore, add_attachment, release_blobs, sweep_blobs
-from state.models import Base
+from state.models import Base, ChatSession
 
 
 @pytest.fixture()
@@ -41,6 +41,31 @@ def test_upgrade_is_idempotent_and_sqlite_uses_wal(engine) -> None:  # noqa: ANN
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_the_upgrade_removes_the_deltas_an_older_server_logged(tmp_path: Path) -> None:
+    """Before 0006 every streamed delta was logged; a resume never read them once their reply had
+    ended. The upgrade deletes them and keeps every other event."""
+    from alembic import command
+
+    eng = state_db.make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg = state_db.alembic_config(eng.url.render_as_string(hide_password=False))
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    factory = state_db.make_session_factory(eng)
+    with factory.begin() as db:
+        sid = store.create_session(db, user_id=store.get_or_create_user(db, name="old").id, title=None).id
+        kinds = ["turn.created", "turn.routed", *["response.delta"] * 5, "response.done"] * 2
+        store.append_events(db, events=[(sid, kind, lambda seq, k=kind: f'{{"type":"{k}","seq":{seq}}}') for kind in kinds])
+    state_db.upgrade(eng)
+    with factory() as db:
+        kept = store.events_after(db, session_id=sid, after_seq=0)
+        assert [(e.seq, e.type) for e in kept] == [(seq, kind) for seq, kind in enumerate(kinds, 1) if kind != "response.delta"]
+        assert db.get(ChatSession, sid).last_seq == len(kinds)
+    with eng.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    eng.dispose()
 
 
 def test_tokens_are_stored_hashed_and_resolve_to_their_user(engine) -> None:  # noqa: ANN001
