@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 def run(model_dir: Path, device: str, sessions: int, min_new: int, max_new: int, moves: bool) -> dict:
     from skills.chat_worker import ChatWorker, ChatWorkerOptions
-    from skills.slot_scheduler import SlotScheduler
 
     worker = ChatWorker(
         ChatWorkerOptions(model=str(model_dir), device=device, max_new_tokens=max_new, engine="slots", slots=sessions,

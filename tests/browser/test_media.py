@@ -103,6 +103,7 @@ def test_pick_an_image_see_its_thumbnail_and_get_a_caption(page, live: LiveServe
     tray = attach_png(page)
     page.locator("[data-testid=send]").click()  # no text: the image alone asks for a caption
     page.wait_for_selector("[data-testid=assistant-message][aria-busy=false]", timeout=60_000)
+    assert tray.count() == 0, "sending took the image out of the tray"
     thumb = page.locator("[data-testid=user-message] [data-testid=thumbnail] img")
     wait_until(lambda: thumb.evaluate("(i) => i.complete && i.naturalWidth > 0"), what="thumbnail shown")
     assert thumb.get_attribute("src").startswith("blob:")
