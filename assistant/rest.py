@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
 from assistant.auth import User
@@ -27,6 +29,7 @@ class Rename(BaseModel):
 
 class MessageOut(BaseModel):
     id: str
+    position: int  # 0, 1, 2, ... in the session: ``before`` of the next page
     turn_id: str
     role: str
     text: str
@@ -50,6 +53,7 @@ class History(BaseModel):
     session: SessionInfo
     last_seq: int
     messages: list[MessageOut]
+    has_more: bool = False  # older messages than these exist (with ``limit``)
 
 
 def _not_found(session_id: str) -> HTTPException:
@@ -74,12 +78,20 @@ async def create_session(request: Request, user: User, body: NewSession | None =
 
 
 @router.get("/sessions/{session_id}/messages", response_model=History)
-def read_history(request: Request, user: User, session_id: str) -> History:
+def read_history(
+    request: Request,
+    user: User,
+    session_id: str,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="The newest this many messages (default: all)")] = None,
+    before: Annotated[int | None, Query(ge=0, description="Only messages before this position (the next page)")] = None,
+) -> History:
+    """The session's messages in order; with ``limit``, a page of the newest ones (before ``before``)."""
     with request.app.state.sessions() as db:
         sess = store.get_session(db, session_id=session_id, user_id=user.id)
         if sess is None:
             raise _not_found(session_id)
-        msgs = store.history(db, session_id=session_id)
+        msgs = store.history(db, session_id=session_id, before=before, limit=limit)
+        has_more = bool(msgs) and msgs[0].position > 0 if limit is not None else False
         out = [
             MessageOut(
                 **{k: getattr(m, k) for k in MessageOut.model_fields if not k.endswith("_at")},
@@ -87,7 +99,7 @@ def read_history(request: Request, user: User, session_id: str) -> History:
             )
             for m in msgs
         ]
-        return History(session=session_info(sess), last_seq=sess.last_seq, messages=out)
+        return History(session=session_info(sess), last_seq=sess.last_seq, messages=out, has_more=has_more)
 
 
 @router.patch("/sessions/{session_id}", response_model=SessionInfo)

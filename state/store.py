@@ -195,10 +195,15 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], titles: Mapping[str, str
     return out
 
 
-def history(db: Session, *, session_id: str) -> Sequence[Row]:
-    """Messages in order, as read-only rows with ``Message``'s columns as attributes."""
-    stmt = select(_messages_t).where(_messages_t.c.session_id == session_id).order_by(_messages_t.c.position)
-    return db.connection().execute(stmt).all()
+def history(db: Session, *, session_id: str, before: int | None = None, limit: int | None = None) -> Sequence[Row]:
+    """Messages in order, as read-only rows with ``Message``'s columns as attributes: all of them,
+    or the newest ``limit`` before position ``before`` (a page of a long conversation)."""
+    stmt = select(_messages_t).where(_messages_t.c.session_id == session_id)
+    if before is not None:
+        stmt = stmt.where(_messages_t.c.position < before)
+    if limit is None:
+        return db.connection().execute(stmt.order_by(_messages_t.c.position)).all()
+    return db.connection().execute(stmt.order_by(_messages_t.c.position.desc()).limit(limit)).all()[::-1]
 
 
 def update_reply(db: Session, *, message_id: str, **fields: object) -> None:

@@ -154,6 +154,35 @@ def test_rest_lists_renames_and_deletes_sessions(server: LiveServer) -> None:
     assert httpx.get(f"{server.http}/v1/sessions/{second['id']}/messages", headers=h).status_code == 404
 
 
+def test_a_long_history_reads_in_pages_newest_first(server: LiveServer) -> None:
+    token = server.token("dora")
+
+    async def talk() -> str:
+        async with ws_client(server, token) as c:
+            sid = await c.new_session()
+            for k in range(4):
+                await c.turn(sid, f"question {k}")
+            return sid
+
+    sid = asyncio.run(talk())
+    url, h = f"{server.http}/v1/sessions/{sid}/messages", auth(token)
+    whole = httpx.get(url, headers=h).json()
+    assert [m["position"] for m in whole["messages"]] == list(range(8)) and whole["has_more"] is False
+    pages, before = [], None
+    while True:
+        page = httpx.get(url, headers=h, params={"limit": 3, **({"before": before} if before is not None else {})}).json()
+        pages.append([m["position"] for m in page["messages"]])
+        if not page["has_more"]:
+            break
+        before = page["messages"][0]["position"]
+    assert pages == [[5, 6, 7], [2, 3, 4], [0, 1]]
+    assert [m for page in reversed(pages) for m in page] == list(range(8))
+    newest = httpx.get(url, headers=h, params={"limit": 2}).json()["messages"]
+    assert newest == whole["messages"][-2:] and newest[0]["text"] == "question 3"
+    for bad in ({"limit": 0}, {"limit": 1001}, {"before": -1}, {"limit": "x"}):
+        assert httpx.get(url, headers=h, params=bad).status_code == 422, bad
+
+
 def test_health_metrics_docs_and_page(server: LiveServer) -> None:
     health = httpx.get(f"{server.http}/healthz").json()
     assert health["status"] == "ok" and health["skills"]["chat"]["ready"] is True
