@@ -177,10 +177,10 @@ class SessionCreated(_ServerEvent):
 
 
 class SessionReplay(_ServerEvent):
-    """Part of a batched replay (``session.resume`` with ``batch``): logged events of the session, in
-    seq order, each exactly as it would have come in a frame of its own. A frame holds up to
-    ``REPLAY_BATCH_CHARS`` characters of events (one event longer than that comes alone); ``session.resumed`` follows the
-    last. It has no seq of its own."""
+    """Part of a batched replay (``session.resume`` with ``batch``): events of the session, in seq
+    order, each exactly as it would have come in a frame of its own. A frame holds up to
+    ``REPLAY_BATCH_CHARS`` characters of events (one event longer than that comes alone), and
+    ``session.resumed`` follows the last. It has no seq of its own."""
 
     type: Literal["session.replay"] = "session.replay"
     session_id: str

@@ -91,7 +91,7 @@ def read_history(
         if sess is None:
             raise _not_found(session_id)
         msgs = store.history(db, session_id=session_id, before=before, limit=limit)
-        has_more = bool(msgs) and msgs[0].position > 0 if limit is not None else False
+        has_more = limit is not None and bool(msgs) and msgs[0].position > 0
         out = [
             MessageOut(
                 **{k: getattr(m, k) for k in MessageOut.model_fields if not k.endswith("_at")},

@@ -1,8 +1,9 @@
 """The speech inference worker: owns the Whisper model (openai-whisper) and one decoding thread.
 
 Utterances from every session go into one queue. The thread takes what has arrived (waiting a few
-milliseconds for more when it finds only one and the last batch had company), pads each utterance of up to 30 s to a 30-second
-log-mel segment and decodes them together with one ``whisper.decode(model, mel[N, n_mels, 3000])``.
+milliseconds for more when it finds only one and the last batch had company), pads each utterance
+of up to 30 s to a 30-second log-mel segment and decodes them together with one
+``whisper.decode(model, mel[N, n_mels, 3000])``.
 Requests that arrive while a batch runs wait in the queue and form the next batch. On a GPU the
 windows go through ``skills.speech_decoder.StaticWhisperDecoder`` instead (the same greedy decoding
 with a static cache, each step one CUDA graph), when it matches whisper's own decoder at load. Audio longer
