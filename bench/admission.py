@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.load import _session, timed_turn  # noqa: E402
 from bench.run import ServerProcess  # noqa: E402
 
@@ -74,8 +73,7 @@ def main() -> None:
         server.end_sample(spy)
         server.stop()
     result = {
-        "command": "python bench/admission.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "cpus": psutil.cpu_count(),
         "sessions": SESSIONS,
         "bursts_ttft_ms_p50_p95": [(round(a, 1), round(b, 1)) for a, b in runs],
@@ -87,9 +85,7 @@ def main() -> None:
         samples = sum(int(line.rsplit(" ", 1)[1]) for line in raw.read_text().splitlines() if line.strip())
         result["py_spy_ms_per_turn"] = round(samples / (SESSIONS * args.bursts), 2)
         result["py_spy_raw"] = str(raw)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

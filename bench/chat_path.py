@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit, stamp
 
 VOCAB = 151_936
 
@@ -85,15 +86,12 @@ def main() -> None:
         cpu, deltas = asyncio.run(one_round(worker, args.streams, args.steps, i, args.tokens_per_message))
         per_output.append(cpu * 1e6 / (args.streams * args.steps))
     result = {
-        "command": "python bench/chat_path.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "streams": args.streams, "steps": args.steps, "vocab": VOCAB, "tokens_per_message": args.tokens_per_message,
         "loop_cpu_us_per_output": [round(x, 1) for x in per_output],  # per token (one output per token when 1)
         "median_us_per_output": round(statistics.median(per_output), 1),
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.chat_model import build_chat_model  # noqa: E402
 from bench.load import PROMPT  # noqa: E402
 from skills.base import SkillRequest  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     measured = asyncio.run(measure(model, args.turns, args.rounds))
     result = {
         "benchmark": "chat_start",
-        "command": "python bench/chat_start.py " + " ".join(sys.argv[1:]),
+        **stamp(),
         "turns": args.turns,
         "prompt_chars": len(PROMPT),
         "run_ms_median_per_round": [round(m, 3) for m in measured["run_ms"]],
@@ -88,9 +88,7 @@ def main() -> None:
         "burst_ms_median": round(statistics.median(measured["burst_ms"]), 2),
         "burst_loop_cpu_ms_per_turn_median": round(statistics.median(measured["burst_loop_cpu_ms_per_turn"]), 3),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit, stamp  # noqa: E402
+
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.metrics import Metrics  # noqa: E402
 from assistant.settings import Settings  # noqa: E402
@@ -95,15 +97,12 @@ def main() -> None:
         print(runs[-1], flush=True)
     checkpointer.stop()
     result = {
-        "command": "python bench/delete_session.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "messages": args.messages,
         "events": args.events,
         "runs": runs,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

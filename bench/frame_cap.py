@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from bench import load  # noqa: E402
+from bench.report import emit, stamp  # noqa: E402
 from bench.run import ServerProcess, free_port  # noqa: E402
 
 
@@ -124,8 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="frame-cap-"))
     result = {
-        "command": "python bench/frame_cap.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "cpus": psutil.cpu_count(),
         "sessions": args.sessions,
         "pace_s": args.pace,
@@ -138,9 +138,7 @@ def main() -> None:
               f"{run['probe_ttft_ms']['p50']}/{run['probe_ttft_ms']['p95']} ms, "
               f"CPU per 1000 words {run['server_cpu_ms_per_1000_words']} ms, streams {run['streams']}, "
               f"loop lag {run['loop_lag']}", flush=True)  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.chat_model import SHAPES  # noqa: E402
 
 NARROW = {**SHAPES["qwen2.5-0.5b"], "vocab_size": 4096, "hidden_size": 14 * 16, "intermediate_size": 1216}
@@ -89,7 +90,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     result: dict = {
-        "command": "python3 bench/fused_step.py " + " ".join(sys.argv[1:]),
+        **stamp(),
         "device": torch.cuda.get_device_name() if graphs else "cpu",
         "shape": args.shape, "dims": dims, "dtype": str(dtype), "cuda_graphs": graphs, "batches": [],
     }  # fmt: skip
@@ -119,8 +120,7 @@ def main() -> None:
         row["speedup"] = round(row["step_ms"]["model"] / row["step_ms"]["fused"], 2)
         print(json.dumps({k: row[k] for k in ("batch", "step_ms", "ops_ratio", "speedup")}), flush=True)
         result["batches"].append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

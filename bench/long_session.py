@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.load import _session, timed_turn  # noqa: E402
 from bench.run import ServerProcess  # noqa: E402
 
@@ -68,8 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="long-session-"))
     result: dict = {
-        "command": "python bench/long_session.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "cpus": psutil.cpu_count(),
         "reply_words": 300,
         "message_words": 40,
@@ -87,9 +85,7 @@ def main() -> None:
             round(b["server_cpu_ms_per_turn"] / a["server_cpu_ms_per_turn"], 2)
             for a, b in zip(result["runs"]["window"], result["runs"]["whole"])
         ]
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

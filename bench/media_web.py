@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.load import _speech_client, _vision_client, until  # noqa: E402
 from bench.run import ServerProcess, free_port, media_inputs  # noqa: E402
 
@@ -84,7 +84,7 @@ def main() -> None:
     args_ = ["--mode", "flood", "--flood-words", "1", "--device", "cpu", "--media-worker", "process",
              "--speech-model", str(speech), "--caption-model", str(caption)]  # fmt: skip
     srv = ServerProcess("media", args_, workdir, free_port())
-    result: dict = {"command": "python bench/media_web.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    result: dict = {**stamp(),
                     "cpus": psutil.cpu_count(), "streams": STREAMS, "audio_s": len(pcm) / 32000}  # fmt: skip
     spy = None
     try:
@@ -104,9 +104,7 @@ def main() -> None:
             srv.end_sample(spy)
             result["py_spy_raw"] = str(workdir / "spy.raw")
         srv.stop()
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from assistant import protocol as p  # noqa: E402
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.metrics import Metrics  # noqa: E402
 from assistant.settings import Settings  # noqa: E402
+from bench.report import emit, stamp  # noqa: E402
 from bench.baseline import FloodSkill  # noqa: E402
 from state import store  # noqa: E402
 from state.db import make_engine, make_session_factory, upgrade  # noqa: E402
@@ -78,11 +78,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = {"command": "python bench/resume.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    result = {**stamp(),
               **asyncio.run(run(args.turns, args.words, args.repeats))}  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ milliseconds, that work has to fit beside it. Prints the process's CPU time per 
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import statistics
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit, stamp  # noqa: E402
 
 from skills import chat_process  # noqa: E402
 from skills.slot_engine import (  # noqa: E402
@@ -125,14 +126,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result: dict = {"command": "python bench/slot_host.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    result: dict = {**stamp(),
                     "gpu_ms": args.gpu_ms, "new_tokens": args.new_tokens, "runs": {}}  # fmt: skip
     for n in args.requests:
         runs = [one_run(n, args.new_tokens, args.gpu_ms / 1e3) for _ in range(args.rounds)]
         result["runs"][str(n)] = {"median_cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs), "rounds": runs}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ part of the gap that is the weights' dtype shows apart from the batching and the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit  # noqa: E402
 
 from skills.speech_worker import SpeechWorker, SpeechWorkerOptions  # noqa: E402
 
@@ -199,9 +200,7 @@ def main() -> None:
             "speedup_single": round(layers16["single"] / o1, 2),
             "speedup_all_streams": round(layers16["all_streams"] / on, 2),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ rows per decode step, and the ratio, in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit, stamp
 
 
 def run(model_dir: Path, device: str, sessions: int, min_new: int, max_new: int, moves: bool) -> dict:
@@ -77,8 +78,7 @@ def main() -> None:
     runs = [run(model, args.device, args.sessions, args.min_new, args.max_new, moves) for moves in (True, False, True, False)]
     best = {m: min((r for r in runs if r["moves"] == m), key=lambda r: r["wall_s"]) for m in (True, False)}
     result = {
-        "command": "python bench/staggered.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "shape": args.shape,
         "device": args.device,
         "sessions": args.sessions,
@@ -86,9 +86,7 @@ def main() -> None:
         "runs": runs,
         "speedup_with_moves": round(best[False]["wall_s"] / best[True]["wall_s"], 2),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

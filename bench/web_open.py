@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from websockets.asyncio.client import connect  # noqa: E402
 
+from bench.report import emit, stamp  # noqa: E402
 from bench.load import _session  # noqa: E402
 from bench.run import ServerProcess  # noqa: E402
 
@@ -83,15 +84,12 @@ def main() -> None:
     finally:
         server.stop()
     result = {
-        "command": "python bench/web_open.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "turns": args.turns,
         "reply_words": args.words,
         "runs": runs,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
