@@ -752,6 +752,7 @@ class DialogueManager:
     def _finish(self, turn: _Turn, status: p.TurnStatus, *, text: str, skill: str | None, usage: p.Usage) -> None:
         """End a turn that never ran or was stopped, in a transaction of its own (not awaited)."""
         event, fields = self._done(turn, status, text=text, skill=skill, usage=usage)
+        self._writer.ended(turn.session_id, turn.turn_id)
         self._publish(turn.session_id, event, lambda db: store.update_reply(db, message_id=turn.reply_id, **fields))
 
     # ------------------------------------------------------------------ start-up and shut-down

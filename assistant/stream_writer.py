@@ -59,6 +59,13 @@ class StreamWriter:
         frames = entry[1]
         return frames if not frames or frames[0][0] > after_seq else [f for f in frames if f[0] > after_seq]
 
+    def ended(self, session_id: str, turn_id: str) -> None:
+        """``turn_id``'s reply ended without ``finish`` (its task was cancelled: the session deleted,
+        or the server stopping): drop its deltas."""
+        entry = self._streaming.get(session_id)
+        if entry is not None and entry[0] == turn_id:
+            del self._streaming[session_id]
+
     def write(
         self, event: p.ResponseDelta, *, reply_id: str, text: str, first_token_at: datetime | None = None
     ) -> asyncio.Future:
@@ -105,7 +112,7 @@ class StreamWriter:
             streaming = self._streaming.get(sid)
             if entry is None or (it.finished is not None and streaming is not None and streaming[0] == turn_id):
                 self._streaming.pop(sid, None)
-            elif it.finished is None:
+            elif it.finished is None and not it.done.cancelled():  # cancelled: its turn was stopped (``ended``)
                 if streaming is None or streaming[0] != turn_id:  # one reply streams at a time
                     streaming = self._streaming[sid] = (turn_id, [])
                 streaming[1].append(entry)

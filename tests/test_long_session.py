@@ -353,6 +353,39 @@ def test_a_resume_sends_ended_replies_as_their_done_and_the_streaming_one_from_w
     assert midway.replayed[0]["seq"] > mid and len(fresh.replayed) < 60
 
 
+def test_a_reply_stopped_by_its_sessions_delete_leaves_no_deltas_behind(tmp_path: Path) -> None:
+    """The stream writer keeps the streaming reply's deltas in memory (deltas are not logged) until
+    its reply ends. A reply whose task is cancelled (its session deleted mid-stream) ends without the
+    writer's ``finish``; its deltas go too, including those still waiting for the next commit."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+    from bench.baseline import FloodSkill
+
+    settings = make_settings(tmp_path, tmp_path, load_models=False)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(400, 0.002)}, metrics=Metrics())
+    with factory.begin() as db:
+        ann = store.get_or_create_user(db, name="ann").id
+    watcher = _Client()
+
+    async def scenario() -> tuple[list, list]:
+        sid = dm.create_session(user_id=ann, title=None, sub=watcher, event_id=None)
+        await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text="talk"), sub=None)
+        while sum(e["type"] == "response.delta" for e in watcher.live) < 10:
+            await asyncio.sleep(0.001)
+        held = dm._writer.streaming_after(sid, 0)
+        assert await dm.delete_session(user_id=ann, session_id=sid)
+        while dm._runners or dm._purges:
+            await asyncio.sleep(0.01)
+        return held, dm._writer.streaming_after(sid, 0)
+
+    held, left = asyncio.run(scenario())
+    engine.dispose()
+    assert len(held) >= 10 and left == [] and dm._writer._streaming == {}
+
+
 def test_an_upload_that_lands_while_its_session_is_being_deleted_is_refused(sessions) -> None:  # noqa: ANN001
     """The upload checked the session before its delete, and adds its row after it: refused
     (``SessionGone``: the route says 404 and releases the files), and no row is left for the purge
