@@ -100,12 +100,14 @@ def make_audio(folder: Path, n: int) -> list[np.ndarray]:
     return clips
 
 
-def baseline(model, clips: list[np.ndarray], max_tokens: int, fp16: bool) -> tuple[float, int]:  # noqa: ANN001
+def baseline(
+    model, clips: list[np.ndarray], max_tokens: int, fp16: bool, language: str | None  # noqa: ANN001
+) -> tuple[float, int]:
     tokens = 0
     start = time.perf_counter()
     for audio in clips:
         out = model.transcribe(
-            audio, language="en", temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
+            audio, language=language, temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
             sample_len=max_tokens, fp16=fp16, verbose=None,
             # Keep every decoded segment (random weights fail whisper's quality gates).
             no_speech_threshold=None, logprob_threshold=None, compression_ratio_threshold=None,
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32, help="token budget per 30-second window, both paths")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--language", default="en", help="spoken language, both paths ('' = detect it per window)")
     ap.add_argument("--batch-size", type=int, default=0, help="most utterances per decode (0 = --streams)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
     ap.add_argument("--engine", choices=["auto", "static", "library"], default="auto", help="how our worker decodes windows")
@@ -140,31 +143,32 @@ def main() -> None:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     fp16 = device.startswith("cuda")
+    language = args.language or None
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp), args.dims)
         clips = make_audio(Path(tmp), args.streams)
         worker = SpeechWorker(
-            SpeechWorkerOptions(model=str(path), device=device, language="en", batch_size=args.batch_size or args.streams,
+            SpeechWorkerOptions(model=str(path), device=device, language=language, batch_size=args.batch_size or args.streams,
                                 batch_wait_ms=5, max_tokens=args.max_tokens, engine=args.engine)
         )  # fmt: skip
         worker.load()
         model = whisper.load_model(str(path), device=device)  # the same checkpoint, as openai-whisper loads it
         audio_one, audio_all = clips[0].size / 16000, sum(c.size for c in clips) / 16000
-        baseline(model, clips[:1], args.max_tokens, fp16)  # warm-up
+        baseline(model, clips[:1], args.max_tokens, fp16, language)  # warm-up
         ours(worker, clips[:2], True)
 
         def best(fn) -> tuple[float, int]:  # noqa: ANN001
             runs = [fn() for _ in range(args.repeats)]
             return min(runs, key=lambda r: r[0])
 
-        b1, b1_tok = best(lambda: baseline(model, clips[:1], args.max_tokens, fp16))
+        b1, b1_tok = best(lambda: baseline(model, clips[:1], args.max_tokens, fp16, language))
         o1, o1_tok = best(lambda: ours(worker, clips[:1], False))
-        bn, bn_tok = best(lambda: baseline(model, clips, args.max_tokens, fp16))
+        bn, bn_tok = best(lambda: baseline(model, clips, args.max_tokens, fp16, language))
         layers16 = {}
         if fp16:  # transcribe on the worker's float16 layers
-            baseline(worker.model, clips[:1], args.max_tokens, fp16)
-            h1, _ = best(lambda: baseline(worker.model, clips[:1], args.max_tokens, fp16))
-            hn, _ = best(lambda: baseline(worker.model, clips, args.max_tokens, fp16))
+            baseline(worker.model, clips[:1], args.max_tokens, fp16, language)
+            h1, _ = best(lambda: baseline(worker.model, clips[:1], args.max_tokens, fp16, language))
+            hn, _ = best(lambda: baseline(worker.model, clips, args.max_tokens, fp16, language))
             layers16 = {"single": round(h1, 4), "all_streams": round(hn, 4)}
         worker.batch_sizes.clear()
         on, on_tok = best(lambda: ours(worker, clips, True))
@@ -179,6 +183,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "max_tokens_per_window": args.max_tokens,
+        "language": language or "detected per window",
         "engine": "static" if worker.decoder is not None else "library",
         "streams": args.streams,
         "audio_seconds": {"single": round(audio_one, 3), "all_streams": round(audio_all, 3)},

@@ -4,15 +4,21 @@
 eagerly: on the H200 run in bench/README.md its decode loop was launch-bound like the chat model's.
 Here each batch bucket (1, 2, 4, ... up to the worker's batch size) has fixed buffers: the log-mel
 input, the cross-attention keys and values (computed once per window, with the encoder), and a
-self-attention cache of ``n_text_ctx`` columns. Two functions run on them, each one CUDA graph per
+self-attention cache of ``n_text_ctx`` columns. These passes run on them, each one CUDA graph per
 batch bucket on a GPU:
 
 - ``encode``: the model's own ``AudioEncoder`` on the mel batch, then every decoder block's
   cross-attention key and value projections;
+- ``prompt``: the whole start-of-transcript prompt (``<|startoftranscript|><|en|><|transcribe|>
+  <|notimestamps|>``) in one forward pass, every row's tokens at once under a causal mask, writing
+  their keys and values into the cache and sampling the first token; with the language to be
+  detected, ``language`` runs ``<|startoftranscript|>`` first and picks each row's language token
+  from its logits (whisper's ``detect_language``, which runs the decoder eagerly and projects the
+  audio into every block's cross-attention keys and values a second time);
 - ``step``: one token per row at one shared position, through the model's own decoder modules
   (layer norms, projections, MLPs), attention over the static cache under a ``column <= position``
   mask, then whisper's logit filters (its suppressed tokens; blank and end-of-text at the first
-  sampled step) and argmax.
+  sampled step) and argmax. The sampled tokens are fed back on the device.
 
 The result is what ``whisper.decode`` returns with ``temperature=0, without_timestamps=True`` (the
 speech worker's options); ``check`` compares the two on a probe at load. Torch is imported only by
@@ -75,6 +81,10 @@ class StaticWhisperDecoder:
         self._suppress[list(task._get_suppress_tokens())] = True
         self._blank = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self._blank[self.tokenizer.encode(" ") + [self.tokenizer.eot]] = True
+        codes = dict(zip(self.tokenizer.all_language_tokens, self.tokenizer.all_language_codes))
+        self._codes = codes if model.is_multilingual else {}
+        self._not_language = torch.ones(vocab, dtype=torch.bool, device=self.device)
+        self._not_language[list(self._codes)] = False
         self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]
         layers, state, dev = dims.n_text_layer, dims.n_text_state, self.device
         self._mel = torch.zeros(max_batch, dims.n_mels, 3000, dtype=self.dtype, device=dev)
@@ -85,8 +95,9 @@ class StaticWhisperDecoder:
 
         self._cross = [pair(dims.n_audio_ctx) for _ in range(layers)]  # keys, values of the audio
         self._self = [pair(self.n_ctx) for _ in range(layers)]  # keys, values of the tokens so far
-        self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._tokens = torch.zeros(max_batch, len(self.initial), dtype=torch.long, device=dev)  # the prompt, then a column
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)  # the position of the first token fed
+        self._offsets = torch.arange(len(self.initial), device=dev)
         self._first = torch.zeros(1, dtype=torch.bool, device=dev)
         self._columns = torch.arange(self.n_ctx, device=dev)
         # The output projection in the step's dtype, cast once (whisper's decoder casts the float32
@@ -111,16 +122,28 @@ class StaticWhisperDecoder:
         out = self.torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return attn.out(out.transpose(1, 2).reshape(b, t, state))
 
-    def _step_fn(self, batch: int) -> Any:
-        return self._logits_fn(batch).argmax(dim=-1)
+    def _step_fn(self, batch: int, width: int = 1) -> Any:
+        return self._logits_fn(batch, width).argmax(dim=-1)
 
-    def _logits_fn(self, batch: int) -> Any:
-        """The filtered next-token logits of every row, [batch, vocab]."""
+    def _language_fn(self, batch: int, width: int) -> Any:
+        """Each row's most likely language token after ``width`` prompt tokens (whisper's
+        ``detect_language``: its logits at ``<|startoftranscript|>``, every other token masked)."""
+        logits = self._forward(batch, width)
+        return logits.masked_fill(self._not_language, float("-inf")).argmax(dim=-1)
+
+    def _logits_fn(self, batch: int, width: int = 1) -> Any:
+        """The filtered next-token logits of every row after its ``width`` fed tokens, [batch, vocab]."""
+        logits = self._forward(batch, width)
+        return logits.masked_fill(self._suppress | (self._first & self._blank), float("-inf"))
+
+    def _forward(self, batch: int, width: int) -> Any:
+        """Feed ``self._tokens[:batch, :width]`` at positions ``_pos, _pos + 1, ...``: their keys and
+        values go into the cache; returns the float32 logits after the last of them, [batch, vocab]."""
         decoder = self.model.decoder
-        tokens, pos = self._tokens[:batch], self._pos
+        tokens, pos = self._tokens[:batch, :width], self._pos + self._offsets[:width]
         x = decoder.token_embedding(tokens) + decoder.positional_embedding.index_select(0, pos)
         x = x.to(self.dtype)
-        mask = (self._columns <= pos)[None, None, None, :]
+        mask = (self._columns[None, :] <= pos[:, None])[None, None]  # [1, 1, width, n_ctx]: causal
         for block, (ck, cv), (sk, sv) in zip(decoder.blocks, self._cross, self._self):
             h = block.attn_ln(x)
             sk[:batch].index_copy_(1, pos, block.attn.key(h))
@@ -130,8 +153,7 @@ class StaticWhisperDecoder:
             x = x + self._attend(block.cross_attn, block.cross_attn.query(h), ck[:batch], cv[:batch], None)
             x = x + block.mlp(block.mlp_ln(x))
         x = decoder.ln(x)
-        logits = (x[:, -1] @ self._unembed.T).float()
-        return logits.masked_fill(self._suppress | (self._first & self._blank), float("-inf"))
+        return (x[:, -1] @ self._unembed.T).float()
 
     # ------------------------------------------------------------------ decoding
 
@@ -143,41 +165,52 @@ class StaticWhisperDecoder:
         with torch.inference_mode():
             self._mel[:n].copy_(mels)
             self.hold()
-            audio = self.graphs.run(("encode", batch), lambda: self._encode_fn(batch))
-            initial = [list(self.initial) for _ in range(n)]
-            languages: list[str | None] = [self.language] * n
-            if self.language is None:
-                lang_tokens, probs = self.model.detect_language(audio[:n].clone(), self.tokenizer)
-                languages = [max(p, key=p.get) for p in probs]
-                for row, token in zip(initial, lang_tokens.tolist()):
-                    row[self.sot_index + 1] = token
+            self.graphs.run(("encode", batch), lambda: self._encode_fn(batch))
+            start, languages = self._prompt(batch, n)
             prompt = len(self.initial)
+            self._pos.fill_(start)
+            self._first.fill_(True)
+            self.hold()
+            sampled = self.graphs.run(("prompt", batch, prompt - start), lambda: self._step_fn(batch, prompt - start))
+            self._first.fill_(False)
             out: list[list[int]] = [[] for _ in range(n)]
             done = [False] * n
             eot = self.tokenizer.eot
-            feed = [0] * batch
-            for pos in range(prompt + self.sample_len - 1):
-                if pos < prompt:
-                    feed[:n] = [row[pos] for row in initial]
-                self._tokens[:batch, 0].copy_(torch.tensor(feed, dtype=torch.long))
-                self._pos.fill_(pos)
-                self._first.fill_(pos == prompt - 1)
-                self.hold()
-                sampled = self.graphs.run(("step", batch), lambda: self._step_fn(batch))
-                if pos < prompt - 1:
-                    continue
-                tokens = sampled[:n].tolist()
-                for i, token in enumerate(tokens):
+            for k in range(self.sample_len):
+                if k:  # feed the last sampled tokens (on the device) at the next position
+                    self._tokens[:batch, 0].copy_(sampled)
+                    self._pos.fill_(prompt + k - 1)
+                    self.hold()
+                    sampled = self.graphs.run(("step", batch), lambda: self._step_fn(batch))
+                for i, token in enumerate(sampled[:n].tolist()):
                     if done[i]:
                         continue
                     if token == eot:
                         done[i] = True
                     else:
                         out[i].append(token)
-                feed[:n] = tokens
                 if all(done):
                     break
         return [WindowResult(tokens, language) for tokens, language in zip(out, languages)]
+
+    def _prompt(self, batch: int, n: int) -> tuple[int, list[str | None]]:
+        """Fill the token buffer with every row's prompt, detecting each row's language first when
+        none is set. Returns the position the prompt is fed from (past ``<|startoftranscript|>``
+        once it has been run for the language) and each row's language."""
+        torch = self.torch
+        rows = [list(self.initial) for _ in range(batch)]
+        if self.language is not None:
+            self._tokens[:batch].copy_(torch.tensor(rows))
+            return 0, [self.language] * n
+        head = self.sot_index + 1
+        self._tokens[:batch, :head].copy_(torch.tensor([row[:head] for row in rows]))
+        self._pos.fill_(0)
+        self.hold()
+        found = self.graphs.run(("language", batch, head), lambda: self._language_fn(batch, head))
+        for row, token in zip(rows, found.tolist()):
+            row[head] = token
+        self._tokens[:batch, : len(self.initial) - head].copy_(torch.tensor([row[head:] for row in rows]))
+        return head, [self._codes.get(row[head]) for row in rows[:n]]
 
     def warm(self) -> None:
         """Capture every batch bucket's graphs ahead of the first utterance."""
@@ -188,9 +221,10 @@ class StaticWhisperDecoder:
 
     def check(self, mel: Any) -> str | None:
         """Compare this decoder with whisper's own on ``mel`` ([1, n_mels, 3000]); return why they
-        differ, or None. Teacher-forced on ``whisper.decode``'s tokens, every step's logits must match
-        the library decoder's (a near-tie may flip a token of a random-weight model; a wrong cache
-        changes the logits); then graph replay must give what eager steps give."""
+        differ, or None. Teacher-forced on ``whisper.decode``'s tokens, the logits of every pass (the
+        language, the prompt, each step) must match the library decoder's (a near-tie may flip a
+        token of a random-weight model; a wrong cache changes the logits); then graph replay must
+        give what eager steps give."""
         torch, whisper = self.torch, self.whisper
         probe = min(self.sample_len, PROBE_TOKENS)
         options = whisper.DecodingOptions(language=self.language, without_timestamps=True, sample_len=probe, fp16=self.fp16)
@@ -205,17 +239,24 @@ class StaticWhisperDecoder:
                 self._mel[:1].copy_(mel)
                 audio = self._encode_fn(1)[:1]
                 want = self.model.decoder(torch.tensor([tokens], device=self.device), audio)[0]
-                prompt = len(self.initial)
-                got = []
-                for pos, token in enumerate(tokens[:-1] if result.tokens else tokens):
+                prompt, start, got, rows = len(self.initial), 0, [], []
+                if self.language is None:  # the language logits at <|startoftranscript|>
+                    start = self.sot_index + 1
+                    self._tokens[0, :start] = torch.tensor(tokens[:start])
+                    self._pos.fill_(0)
+                    got.append(self._forward(1, start)[0].masked_fill(self._not_language, float("-inf")))
+                    rows.append(start - 1)
+                self._tokens[0, : prompt - start] = torch.tensor(tokens[start:prompt])  # the prompt in one pass
+                self._pos.fill_(start)
+                self._first.fill_(True)
+                got.append(self._logits_fn(1, prompt - start)[0])
+                self._first.fill_(False)
+                for pos, token in enumerate(result.tokens[:-1], start=prompt):  # then one step per token
                     self._tokens[0, 0] = token
                     self._pos.fill_(pos)
-                    self._first.fill_(pos == prompt - 1)
-                    logits = self._logits_fn(1)[0]
-                    if pos >= prompt - 1:
-                        got.append(logits)
-                got = torch.stack(got)
-                want = want[prompt - 1 : prompt - 1 + len(got)]
+                    got.append(self._logits_fn(1)[0])
+                rows += range(prompt - 1, prompt - 1 + len(got) - len(rows))
+                got, want = torch.stack(got), want[rows]
                 theirs, mine = int(torch.isfinite(want).sum()), int(torch.isfinite(got).sum())
                 want = want.masked_fill(torch.isinf(got), float("-inf"))
                 finite = torch.isfinite(want)

@@ -125,6 +125,7 @@ def test_a_static_decoder_that_does_not_fit_is_a_load_error(tmp_path: Path) -> N
         worker.load()
 
 
+@pytest.mark.parametrize("multilingual", [False, True], ids=["english-only", "multilingual-detect"])
 @pytest.mark.parametrize(
     "device",
     [
@@ -134,22 +135,36 @@ def test_a_static_decoder_that_does_not_fit_is_a_load_error(tmp_path: Path) -> N
         )),  # fmt: skip
     ],
 )
-def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path, device: str) -> None:
+def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path, device: str, multilingual: bool) -> None:
+    """Replayed or eager, a window is one encoder pass, one pass over the whole prompt (after one for
+    the language when it is detected), then one step per further token."""
     import whisper
 
     from skills.speech_decoder import StaticWhisperDecoder
 
-    model = whisper.load_model(str(build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3)), device=device)
+    path = build_tiny_whisper(tmp_path / "w.pt", weight_std=0.25, seed=3, multilingual=multilingual)
+    model = whisper.load_model(str(path), device=device)
     t = np.arange(32000, dtype=np.float32) / 16000  # chirps: the GPU machine has no espeak-ng
     clips = [(0.3 * np.sin(2 * np.pi * (f + 300 * t) * t)).astype(np.float32) for f in (150, 300, 600)]
     batch = mels(model, clips).to(device)
-    decoder = StaticWhisperDecoder(model, max_batch=4, sample_len=SAMPLE_LEN, language="en", cuda_graphs=True)
+    language = None if multilingual else "en"
+    decoder = StaticWhisperDecoder(model, max_batch=4, sample_len=SAMPLE_LEN, language=language, cuda_graphs=True)
     decoder.graphs.on = True  # on the CPU, which has no graphs of its own
     assert decoder.check(batch[:1]) is None and decoder.graphs.on
-    replayed = [r.tokens for r in decoder.decode(batch)]
-    assert {key[0] for key in decoder.graphs.keys()} == {"encode", "step"}, "no step was replayed from a graph"
+    runs: list[str] = []
+    run = decoder.graphs.run
+    decoder.graphs.run = lambda key, fn: runs.append(key[0]) or run(key, fn)  # type: ignore[method-assign]
+    replayed = decoder.decode(batch)
+    passes = ["encode", "language", "prompt"] if multilingual else ["encode", "prompt"]
+    longest = max(len(r.tokens) for r in replayed)
+    assert runs == passes + ["step"] * min(longest, SAMPLE_LEN - 1), "not one pass for the prompt and one per token"
+    assert {key[0] for key in decoder.graphs.keys()} == set(passes + ["step"]), "no step was replayed from a graph"
     decoder.graphs.on = False
-    assert replayed == [r.tokens for r in decoder.decode(batch)]
+    assert [r.tokens for r in replayed] == [r.tokens for r in decoder.decode(batch)]
+    want = whisper.decode(model, batch, whisper.DecodingOptions(language=language, without_timestamps=True,
+                                                                 sample_len=SAMPLE_LEN, fp16=False))  # fmt: skip
+    assert [(r.tokens, r.language) for r in replayed] == [(r.tokens, r.language) for r in want]
+
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="float16 on a GPU (bench/gpu.sh runs this)")
 @pytest.mark.parametrize("max_tokens", [32, 224], ids=["speech-bench", "server-default"])
