@@ -514,7 +514,7 @@ function clearBacklog() {
 function drawTurn(t, before = null) {
   if (!view.has(t.id)) view.set(t.id, buildTurn(before));
   const v = view.get(t.id);
-  v.userText.textContent = t.text;
+  setText(v.userText, t.text);
   v.user.dataset.input = t.input;
   v.user.hidden = !t.text && !t.attachmentIds.length;
   const imageKey = t.attachmentIds.join(",");
@@ -533,7 +533,7 @@ function drawTurn(t, before = null) {
     ? `Waiting for the server — position ${t.position} in the queue`
     : t.status === "cancelled" ? "Stopped (cancelled)"
       : FINAL.has(t.status) && t.status !== "completed" ? t.status + (t.error ? ` — ${t.error.message}` : "") : "";
-  v.note.textContent = note;
+  setText(v.note, note);
   v.note.hidden = !note;
 }
 
@@ -542,7 +542,7 @@ function renderChip(v, t) {
   if (!t.route) return;
   const r = t.route;
   const label = SKILL_LABELS[r.skill] || r.skill;
-  v.summary.textContent = `${label} · ${Math.round(r.confidence * 100)}%${r.overridden ? " · chosen" : ""} — ${r.reason}`;
+  setText(v.summary, `${label} · ${Math.round(r.confidence * 100)}%${r.overridden ? " · chosen" : ""} — ${r.reason}`);
   v.summary.title = `Answered by the ${r.skill} skill (router confidence ${Math.round(r.confidence * 100)}%): ${r.reason}. Click to answer differently.`;
   const options = [...state.skills.keys()].filter((s) => SKILL_LABELS[s] && (s === "chat" || t.attachmentIds.length || hasImage(t)));
   const key = `${options.join(",")}|${r.skill}|${FINAL.has(t.status)}`;
@@ -759,7 +759,7 @@ function updateControls() {
   const running = liveTurns().length > 0;
   const hasDraft = Boolean(el.composer.value.trim()) || readyAttachments().length > 0;
   const stopMode = running && !hasDraft;
-  el.action.textContent = stopMode ? "Stop" : "Send";
+  setText(el.action, stopMode ? "Stop" : "Send");
   el.action.dataset.testid = stopMode ? "stop" : "send";
   el.action.setAttribute("aria-label", stopMode ? "Stop the reply (Esc)" : "Send (Enter)");
   el.action.classList.toggle("stop", stopMode);
@@ -767,12 +767,18 @@ function updateControls() {
   renderStatus();
 }
 
+// Set only when it changes: a new text node lays out its box again, and each paint of a streaming reply
+// (updateControls) did that here: a second layout of the whole page per paint, 3-4 ms in a 300-turn thread.
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
 function renderStatus() {
   const queued = liveTurns().filter((t) => t.position).pop();
   const parts = [state.conn];
   if (queued) parts.push(`server busy: your message is number ${queued.position} in the queue`);
   if (state.notice) parts.push(state.notice);
-  el.status.textContent = parts.join(" · ");
+  setText(el.status, parts.join(" · "));
   el.status.classList.toggle("error", Boolean(state.notice) && !state.noticeInfo);
   el.status.classList.toggle("offline", !state.connected);
 }

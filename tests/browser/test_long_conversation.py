@@ -18,18 +18,21 @@ from tests.conftest import LiveServer, make_settings, start_server, ws_client
 TURNS = 150
 
 
+FLOOD = FloodSkill(60)  # its pace is set by the streaming test
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("browser-long-conversation")
-    srv = start_server(make_settings(tmp, tmp, load_models=False), skills={"chat": FloodSkill(60)})
+    srv = start_server(make_settings(tmp, tmp, load_models=False), skills={"chat": FLOOD})
     yield srv
     srv.stop()
 
 
-def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_its_end(browser, live: LiveServer) -> None:  # noqa: ANN001
-    token = live.token("lena")
+def build(live: LiveServer, token: str) -> str:
+    """A session of ``TURNS`` turns, made over the websocket."""
 
-    async def build() -> str:
+    async def turns() -> str:
         async with ws_client(live, token) as c:
             sid = await c.new_session()
             for k in range(TURNS):
@@ -37,7 +40,12 @@ def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_i
             return sid
 
     with ThreadPoolExecutor(1) as pool:  # Playwright's sync API runs an event loop in this thread
-        sid = pool.submit(asyncio.run, build()).result()
+        return pool.submit(asyncio.run, turns()).result()
+
+
+def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_its_end(browser, live: LiveServer) -> None:  # noqa: ANN001
+    token = live.token("lena")
+    sid = build(live, token)
     page = open_app(browser, live, token)
     try:
         page.wait_for_selector(f"[data-testid=sessions] li[data-id='{sid}']")
@@ -64,6 +72,47 @@ def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_i
             "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
         )
         assert at_end < 5, f"{at_end} px above the end of the thread"
+        assert page.errors == [], page.errors
+    finally:
+        page.context.close()
+
+
+def test_a_reply_streaming_into_a_long_conversation_is_laid_out_once_a_paint_and_followed(browser, live: LiveServer) -> None:  # noqa: ANN001
+    """Each paint of a streaming reply lays the page out once: the controls and the status line are
+    not rewritten with the text they already show (which laid the whole thread out a second time each
+    paint, 3-4 ms of 8.5 in a 300-turn thread: bench/web_open.py --stream-pace). Counted by Chromium
+    (the DevTools protocol's Performance.getMetrics), not timed."""
+    token = live.token("mira")
+    sid = build(live, token)
+    page = open_app(browser, live, token)
+    try:
+        page.locator(f"[data-testid=sessions] li[data-id='{sid}'] .session-title").click()
+        done = "(n) => document.querySelectorAll('[data-testid=assistant-message][data-status=completed]').length >= n"
+        page.wait_for_function(done, arg=TURNS, timeout=60_000)
+        page.locator("[data-testid=composer]").fill("one more question")
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Performance.enable")
+
+        def counts() -> tuple[float, int]:
+            metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+            return metrics["LayoutCount"], page.evaluate("() => window.__assistant.state.paints")
+
+        FLOOD.pace_s = 0.015  # 60 words over about a second: dozens of paints
+        try:
+            layouts, paints = counts()
+            page.keyboard.press("Enter")
+            page.wait_for_function(done, arg=TURNS + 1, timeout=60_000)
+        finally:
+            FLOOD.pace_s = 0.0
+        after_layouts, after_paints = counts()
+        assert after_paints - paints >= 20, "the reply was not drawn as it streamed"
+        assert after_layouts - layouts <= after_paints - paints + 5, (after_layouts - layouts, after_paints - paints)
+        stored = [m for m in history(live, token, sid)["messages"] if m["role"] == "assistant"][-1]["text"]
+        assert page.locator("[data-testid=assistant-body]").nth(TURNS).text_content() == rendered(page, stored)
+        at_end = page.evaluate(
+            "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
+        )
+        assert at_end < 5, f"{at_end} px above the end of the thread: it did not follow the reply"
         assert page.errors == [], page.errors
     finally:
         page.context.close()
