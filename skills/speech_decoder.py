@@ -67,11 +67,12 @@ class StaticWhisperDecoder:
         self.fp16 = self.device.startswith("cuda")
         self.dtype = torch.float16 if self.fp16 else torch.float32
         self.n_ctx = dims.n_text_ctx
-        self.language = language
+        # An English-only checkpoint has no language tokens to detect from (the worker says "en" too).
+        self.language = language if language or model.is_multilingual else "en"
         self.tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages, language=language or "en", task="transcribe"
         )
-        options = whisper.DecodingOptions(language=language, without_timestamps=True, sample_len=sample_len, fp16=self.fp16)
+        options = whisper.DecodingOptions(language=self.language, without_timestamps=True, sample_len=sample_len, fp16=self.fp16)
         task = whisper.decoding.DecodingTask(model, options)  # the library's own token rules, read once
         self.initial = list(task.initial_tokens)
         self.sot_index = task.sot_index
