@@ -18,7 +18,8 @@ batch bucket on a GPU:
 - ``step``: one token per row at one shared position, through the model's own decoder modules
   (layer norms, projections, MLPs), attention over the static cache under a ``column <= position``
   mask, then whisper's logit filters (its suppressed tokens; blank and end-of-text at the first
-  sampled step) and argmax. The sampled tokens are fed back on the device.
+  sampled step) and argmax. The sampled tokens are fed back on the device, and each step is queued
+  before the previous one's tokens are read back (``Readback``), so the GPU does not wait for Python.
 
 The result is what ``whisper.decode`` returns with ``temperature=0, without_timestamps=True`` (the
 speech worker's options); ``check`` compares the two on a probe at load. Torch is imported only by
@@ -44,6 +45,35 @@ PROBE_TOKENS = 12  # tokens compared with whisper.decode at load
 class WindowResult:
     tokens: list[int]
     language: str | None
+
+
+class Readback:
+    """Sampled tokens copied to the host without waiting for the GPU: ``push`` queues the copy (into
+    pinned memory, behind the step that made them), ``pop`` waits for that copy alone and returns the
+    tokens. Two may be outstanding, the step being read and the one queued after it. Off a GPU a
+    push reads at once."""
+
+    def __init__(self, torch: Any, device: str, rows: int) -> None:
+        self.torch, self.device, self.cuda = torch, device, device.startswith("cuda")
+        if self.cuda:
+            self._host = torch.empty(2, rows, dtype=torch.long, pin_memory=True)
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._next = 0
+
+    def push(self, tokens: Any) -> Any:
+        if not self.cuda:
+            return tokens.tolist()
+        slot, self._next = self._next, 1 - self._next
+        self._host[slot, : tokens.shape[0]].copy_(tokens, non_blocking=True)
+        self._events[slot].record(self.torch.cuda.current_stream(self.device))  # the copy's stream
+        return slot, tokens.shape[0]
+
+    def pop(self, pushed: Any) -> list[int]:
+        if not self.cuda:
+            return pushed
+        slot, n = pushed
+        self._events[slot].synchronize()
+        return self._host[slot, :n].tolist()
 
 
 class StaticWhisperDecoder:
@@ -105,6 +135,7 @@ class StaticWhisperDecoder:
         # embedding at every step: on Whisper-base a read of 106 MB and a write of 53 MB a step).
         self._unembed = model.decoder.token_embedding.weight.detach().to(self.dtype)
         self.graphs = StepGraphs(torch, self.device, "speech", on=cuda_graphs and self.fp16)
+        self._reads = Readback(torch, self.device, max_batch)
 
     # ------------------------------------------------------------------ the captured functions
 
@@ -177,21 +208,27 @@ class StaticWhisperDecoder:
             out: list[list[int]] = [[] for _ in range(n)]
             done = [False] * n
             eot = self.tokenizer.eot
-            for k in range(self.sample_len):
-                if k:  # feed the last sampled tokens (on the device) at the next position
-                    self._tokens[:batch, 0].copy_(sampled)
+            pending = self._reads.push(sampled[:n])
+            for k in range(1, self.sample_len + 1):
+                # The next step is queued before this one's tokens are read: the GPU runs it while
+                # they come back and are looked at (after the last token, one step runs for nothing).
+                ahead = None
+                if k < self.sample_len:
+                    self._tokens[:batch, 0].copy_(sampled)  # fed back on the device
                     self._pos.fill_(prompt + k - 1)
                     self.hold()
                     sampled = self.graphs.run(("step", batch), lambda: self._step_fn(batch))
-                for i, token in enumerate(sampled[:n].tolist()):
+                    ahead = self._reads.push(sampled[:n])
+                for i, token in enumerate(self._reads.pop(pending)):
                     if done[i]:
                         continue
                     if token == eot:
                         done[i] = True
                     else:
                         out[i].append(token)
-                if all(done):
+                if all(done) or ahead is None:
                     break
+                pending = ahead
         return [WindowResult(tokens, language) for tokens, language in zip(out, languages)]
 
     def _prompt(self, batch: int, n: int) -> tuple[int, list[str | None]]:
