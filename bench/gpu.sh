@@ -10,7 +10,8 @@
 #          only those of the profile's servers besides the naive baseline)      -> OUT/load_gpu.json, .png, log.txt
 # staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
 # mixed:   the mixed phase alone, chat first on then off, 3 bursts each way  -> OUT/mixed_gpu.json, mixed_chat_first_off_gpu.json
-# speech:  bench/speech_rtf.py, Whisper-base shape, 1 and 16 streams against transcribe  -> OUT/speech_rtf_gpu.json
+# speech:  bench/speech_rtf.py, Whisper-base shape, 1 and 16 streams against transcribe, in English, then
+#          detecting the language (the server's default)              -> OUT/speech_rtf_gpu.json, speech_rtf_detect_gpu.json
 # framecap: bench/frame_cap.py, 256 model-free paced streams, no cap and 4000 frames/s (the web process
 #          on this machine's CPU; no GPU work)                                   -> OUT/frame_cap_gpu_host.json
 set -uo pipefail
@@ -44,7 +45,9 @@ for stage in $STAGES; do
                2>&1 | tail -5 || rc=1
            done ;;
     speech) timeout 240 python3 bench/speech_rtf.py --dims base --streams 16 --device cuda --out "$OUT_DIR/speech_rtf_gpu.json" \
-              | tail -40 || rc=1 ;;
+              | tail -40 || rc=1
+            timeout 240 python3 bench/speech_rtf.py --dims base --streams 16 --device cuda --language "" \
+              --out "$OUT_DIR/speech_rtf_detect_gpu.json" | grep -A3 '"single_stream"' || rc=1 ;;
     framecap) timeout 120 python3 bench/frame_cap.py --sessions 256 --caps 0 4000 --out "$OUT_DIR/frame_cap_gpu_host.json" \
                 2>&1 | grep "  cap" || rc=1 ;;
     *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, speech, framecap)"; exit 2 ;;
