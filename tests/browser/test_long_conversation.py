@@ -43,6 +43,13 @@ def build(live: LiveServer, token: str) -> str:
         return pool.submit(asyncio.run, turns()).result()
 
 
+def px_above_end(page) -> float:  # noqa: ANN001
+    """How far the thread is scrolled above its end."""
+    return page.evaluate(
+        "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
+    )
+
+
 def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_its_end(browser, live: LiveServer) -> None:  # noqa: ANN001
     token = live.token("lena")
     sid = build(live, token)
@@ -68,16 +75,16 @@ def test_a_long_conversation_opens_whole_in_order_newest_first_and_scrolled_to_i
         assert page.evaluate("() => window.__assistant.state.paints") - paints <= 2 + -(-(TURNS - 40) // 40)
         # which came batched (session.resume with batch): a session.replay frame and session.resumed
         assert page.evaluate("() => window.__assistant.state.frames") - frames == 2
-        at_end = page.evaluate(
-            "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
-        )
+        at_end = px_above_end(page)
         assert at_end < 5, f"{at_end} px above the end of the thread"
         assert page.errors == [], page.errors
     finally:
         page.context.close()
 
 
-def test_a_reply_streaming_into_a_long_conversation_is_laid_out_once_a_paint_and_followed(browser, live: LiveServer) -> None:  # noqa: ANN001
+def test_a_reply_streaming_into_a_long_conversation_is_laid_out_once_a_paint_and_followed(
+    browser, live: LiveServer  # noqa: ANN001
+) -> None:
     """Each paint of a streaming reply lays the page out once: the controls and the status line are
     not rewritten with the text they already show (which laid the whole thread out a second time each
     paint, 3-4 ms of 8.5 in a 300-turn thread: bench/web_open.py --stream-pace). Counted by Chromium
@@ -109,9 +116,7 @@ def test_a_reply_streaming_into_a_long_conversation_is_laid_out_once_a_paint_and
         assert after_layouts - layouts <= after_paints - paints + 5, (after_layouts - layouts, after_paints - paints)
         stored = [m for m in history(live, token, sid)["messages"] if m["role"] == "assistant"][-1]["text"]
         assert page.locator("[data-testid=assistant-body]").nth(TURNS).text_content() == rendered(page, stored)
-        at_end = page.evaluate(
-            "() => { const t = document.querySelector('[data-testid=thread]'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
-        )
+        at_end = px_above_end(page)
         assert at_end < 5, f"{at_end} px above the end of the thread: it did not follow the reply"
         assert page.errors == [], page.errors
     finally:
