@@ -95,9 +95,9 @@ def stream_once(browser, server: ServerProcess, sid: str, turns: int) -> dict:  
         page.wait_for_function(done, arg=turns + 1, timeout=120_000)
         wall, after = time.perf_counter() - t0, counters()
         d = {k: after[k] - before[k] for k in after}
-        at_end = page.evaluate("() => { const t = document.querySelector('[data-testid=thread]');"
-                               " return t.scrollHeight - t.scrollTop - t.clientHeight < 2; }")  # fmt: skip
-        assert at_end, page.evaluate("() => { const t = document.querySelector('[data-testid=thread]'); return [t.scrollHeight, t.scrollTop, t.clientHeight]; }")
+        above = page.evaluate("() => { const t = document.querySelector('[data-testid=thread]');"
+                              " return t.scrollHeight - t.scrollTop - t.clientHeight; }")  # fmt: skip
+        assert above < 2, f"{above} px above the end of the thread: it did not follow the reply"
         return {
             "stream_s": round(wall, 2),
             "paints": d["paints"],

@@ -162,9 +162,10 @@ def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path
     assert {key[0] for key in decoder.graphs.keys()} == set(passes + ["step"]), "no step was replayed from a graph"
     decoder.graphs.on = False
     assert [r.tokens for r in replayed] == [r.tokens for r in decoder.decode(batch)]
-    want = whisper.decode(model, batch, whisper.DecodingOptions(language=language, without_timestamps=True,
-                                                                 sample_len=SAMPLE_LEN, fp16=False))  # fmt: skip
-    assert [(r.tokens, r.language) for r in replayed] == [(r.tokens, r.language) for r in want]
+    if device == "cpu":  # in float32 (float16 on a GPU may flip a near tie against whisper's float32)
+        want = whisper.decode(model, batch, whisper.DecodingOptions(language=language, without_timestamps=True,
+                                                                     sample_len=SAMPLE_LEN, fp16=False))  # fmt: skip
+        assert [(r.tokens, r.language) for r in replayed] == [(r.tokens, r.language) for r in want]
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="float16 on a GPU (bench/gpu.sh runs this)")
