@@ -74,6 +74,19 @@ def make_settings(tmp: Path, model: Path, **overrides: object) -> Settings:
     return Settings(**base)
 
 
+def chat_manager(tmp: Path, skill: object):  # noqa: ANN201
+    """A dialogue manager on a fresh SQLite file, ``skill`` as its chat skill, without a server:
+    (engine, session factory, manager)."""
+    from assistant.dialogue import DialogueManager
+    from assistant.metrics import Metrics
+
+    settings = make_settings(tmp, tmp, load_models=False)
+    engine = state_db.make_engine(settings.database_url)
+    state_db.upgrade(engine)
+    sessions = state_db.make_session_factory(engine)
+    return engine, sessions, DialogueManager(settings=settings, sessions=sessions, skills={"chat": skill}, metrics=Metrics())
+
+
 @dataclass
 class LiveServer:
     settings: Settings

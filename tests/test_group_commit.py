@@ -18,7 +18,7 @@ from assistant.stream_writer import StreamWriter
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
 from state.models import ChatSession, Event, Message
-from tests.conftest import LiveServer, WordsRun, make_settings, start_server, ws_client
+from tests.conftest import LiveServer, WordsRun, chat_manager, make_settings, start_server, ws_client
 
 WORDS = 120
 SESSIONS = 8
@@ -159,17 +159,6 @@ def test_each_turn_sees_the_whole_answer_of_the_turn_before_it(tmp_path) -> None
     )
 
 
-def _manager(tmp_path, skill: ModelFreeSkill):  # noqa: ANN001, ANN202
-    from assistant.dialogue import DialogueManager
-    from assistant.metrics import Metrics
-
-    settings = make_settings(tmp_path, tmp_path, load_models=False)
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    sessions = make_session_factory(engine)
-    return engine, sessions, DialogueManager(settings=settings, sessions=sessions, skills={"chat": skill}, metrics=Metrics())
-
-
 def test_turns_sent_at_once_are_admitted_in_one_transaction_and_each_fails_alone(tmp_path) -> None:  # noqa: ANN001
     """Turns submitted in the same turn of the event loop (a burst from many connections) are
     stored, routed and acknowledged with one commit. Their order and queueing are what one at a time
@@ -179,7 +168,7 @@ def test_turns_sent_at_once_are_admitted_in_one_transaction_and_each_fails_alone
 
     from assistant.dialogue import DialogueError
 
-    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    engine, sessions, dm = chat_manager(tmp_path, HistorySkill())
     with sessions.begin() as db:
         ann, bob = store.get_or_create_user(db, name="ann").id, store.get_or_create_user(db, name="bob").id
     commits: list[int] = []
@@ -314,7 +303,7 @@ def test_a_turn_that_fails_the_shared_transaction_fails_alone(tmp_path) -> None:
     are stored and answered."""
     from sqlalchemy import text
 
-    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    engine, sessions, dm = chat_manager(tmp_path, HistorySkill())
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -367,7 +356,7 @@ def test_a_broken_subscriber_or_a_turn_that_cannot_be_queued_fails_no_other_turn
     """After a burst's commit each turn is announced to its subscribers and queued. A subscriber that
     raises is detached (its session's turn still runs), and a turn whose queueing fails is stored as
     failed; the burst's later turns are queued and answered either way."""
-    engine, sessions, dm = _manager(tmp_path, HistorySkill())
+    engine, sessions, dm = chat_manager(tmp_path, HistorySkill())
     with sessions.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
     queue_turn = dm._queue_turn

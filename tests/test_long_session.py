@@ -19,7 +19,7 @@ from state import context as state_context
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
 from state.models import ChatSession, Message, new_id
-from tests.conftest import WordsRun, make_settings
+from tests.conftest import WordsRun, chat_manager, make_settings
 
 
 @pytest.fixture()
@@ -201,15 +201,10 @@ def test_deleting_a_long_session_hides_it_at_once_and_removes_it_in_short_transa
     4,000 messages and 80,000 events, ``bench/delete_session.py``), and another session's turn streams meanwhile."""
     from sqlalchemy import event as sa_event
 
-    from assistant.dialogue import PURGE_ROWS, DialogueManager
-    from assistant.metrics import Metrics
+    from assistant.dialogue import PURGE_ROWS
     from bench.baseline import FloodSkill
 
-    settings = make_settings(tmp_path, tmp_path, load_models=False)
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    factory = make_session_factory(engine)
-    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(200)}, metrics=Metrics())
+    engine, factory, dm = chat_manager(tmp_path, FloodSkill(200))
     with factory.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
     sid = fill(factory, ann, messages=2000, events=20000)
@@ -299,15 +294,9 @@ def test_a_resume_sends_ended_replies_as_their_done_and_the_streaming_one_from_w
     its ``response.done`` (the whole text); the reply still streaming comes as its deltas after
     the client's ``last_seq``, then live, with nothing lost or doubled, even when another turn's
     ``response.done`` (a queued turn cancelled) was logged in the middle of the stream."""
-    from assistant.dialogue import DialogueManager
-    from assistant.metrics import Metrics
     from bench.baseline import FloodSkill
 
-    settings = make_settings(tmp_path, tmp_path, load_models=False)
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    factory = make_session_factory(engine)
-    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(150, 0.002)}, metrics=Metrics())
+    engine, factory, dm = chat_manager(tmp_path, FloodSkill(150, 0.002))
     with factory.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
     watcher, fresh, midway = _Client(), _Client(), _Client()
@@ -357,15 +346,9 @@ def test_a_reply_stopped_by_its_sessions_delete_leaves_no_deltas_behind(tmp_path
     """The stream writer keeps the streaming reply's deltas in memory (deltas are not logged) until
     its reply ends. A reply whose task is cancelled (its session deleted mid-stream) ends without the
     writer's ``finish``; its deltas go too, including those still waiting for the next commit."""
-    from assistant.dialogue import DialogueManager
-    from assistant.metrics import Metrics
     from bench.baseline import FloodSkill
 
-    settings = make_settings(tmp_path, tmp_path, load_models=False)
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    factory = make_session_factory(engine)
-    dm = DialogueManager(settings=settings, sessions=factory, skills={"chat": FloodSkill(400, 0.002)}, metrics=Metrics())
+    engine, factory, dm = chat_manager(tmp_path, FloodSkill(400, 0.002))
     with factory.begin() as db:
         ann = store.get_or_create_user(db, name="ann").id
     watcher = _Client()
