@@ -14,7 +14,8 @@ batch bucket on a GPU:
   their keys and values into the cache and sampling the first token; with the language to be
   detected, ``language`` runs ``<|startoftranscript|>`` first and picks each row's language token
   from its logits (whisper's ``detect_language``, which runs the decoder eagerly and projects the
-  audio into every block's cross-attention keys and values a second time);
+  audio into every block's cross-attention keys and values a second time); the prompt is put
+  together on the device, the picked language token included, so nothing waits for the host;
 - ``step``: one token per row at one shared position, through the model's own decoder modules
   (layer norms, projections, MLPs), attention over the static cache under a ``column <= position``
   mask, then whisper's logit filters (its suppressed tokens; blank and end-of-text at the first
@@ -127,6 +128,7 @@ class StaticWhisperDecoder:
         self._cross = [pair(dims.n_audio_ctx) for _ in range(layers)]  # keys, values of the audio
         self._self = [pair(self.n_ctx) for _ in range(layers)]  # keys, values of the tokens so far
         self._tokens = torch.zeros(max_batch, len(self.initial), dtype=torch.long, device=dev)  # the prompt, then a column
+        self._initial = torch.tensor(self.initial, dtype=torch.long, device=dev)  # copied in on the device, without a wait
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)  # the position of the first token fed
         self._offsets = torch.arange(len(self.initial), device=dev)
         self._first = torch.zeros(1, dtype=torch.bool, device=dev)
@@ -136,6 +138,7 @@ class StaticWhisperDecoder:
         self._unembed = model.decoder.token_embedding.weight.detach().to(self.dtype)
         self.graphs = StepGraphs(torch, self.device, "speech", on=cuda_graphs and self.fp16)
         self._reads = Readback(torch, self.device, max_batch)
+        self._language_reads = Readback(torch, self.device, max_batch)  # the detected languages, read at the end
 
     # ------------------------------------------------------------------ the captured functions
 
@@ -198,7 +201,7 @@ class StaticWhisperDecoder:
             self._mel[:n].copy_(mels)
             self.hold()
             self.graphs.run(("encode", batch), lambda: self._encode_fn(batch))
-            start, languages = self._prompt(batch, n)
+            start, detected = self._prompt(batch, n)
             prompt = len(self.initial)
             self._pos.fill_(start)
             self._first.fill_(True)
@@ -229,26 +232,29 @@ class StaticWhisperDecoder:
                 if all(done) or ahead is None:
                     break
                 pending = ahead
+            if detected is None:
+                languages: list[str | None] = [self.language] * n
+            else:  # copied long ago, behind the language pass
+                languages = [self._codes.get(token) for token in self._language_reads.pop(detected)]
         return [WindowResult(tokens, language) for tokens, language in zip(out, languages)]
 
-    def _prompt(self, batch: int, n: int) -> tuple[int, list[str | None]]:
-        """Fill the token buffer with every row's prompt, detecting each row's language first when
-        none is set. Returns the position the prompt is fed from (past ``<|startoftranscript|>``
-        once it has been run for the language) and each row's language."""
-        torch = self.torch
-        rows = [list(self.initial) for _ in range(batch)]
+    def _prompt(self, batch: int, n: int) -> tuple[int, Any]:
+        """Fill the token buffer with every row's prompt on the device, detecting each row's language
+        first when none is set. Returns the position the prompt is fed from (past
+        ``<|startoftranscript|>`` once it has been run for the language) and, when detecting, the
+        rows' language tokens as pushed to ``_language_reads`` (else None)."""
         if self.language is not None:
-            self._tokens[:batch].copy_(torch.tensor(rows))
-            return 0, [self.language] * n
+            self._tokens[:batch].copy_(self._initial.expand(batch, -1))
+            return 0, None
         head = self.sot_index + 1
-        self._tokens[:batch, :head].copy_(torch.tensor([row[:head] for row in rows]))
+        self._tokens[:batch, :head].copy_(self._initial[:head].expand(batch, -1))
         self._pos.fill_(0)
         self.hold()
         found = self.graphs.run(("language", batch, head), lambda: self._language_fn(batch, head))
-        for row, token in zip(rows, found.tolist()):
-            row[head] = token
-        self._tokens[:batch, : len(self.initial) - head].copy_(torch.tensor([row[head:] for row in rows]))
-        return head, [self._codes.get(row[head]) for row in rows[:n]]
+        rest = len(self.initial) - head  # the language token, then the task's tokens
+        self._tokens[:batch, 0].copy_(found)
+        self._tokens[:batch, 1:rest].copy_(self._initial[head + 1 :].expand(batch, -1))
+        return head, self._language_reads.push(found[:n])
 
     def warm(self) -> None:
         """Capture every batch bucket's graphs ahead of the first utterance."""

@@ -137,7 +137,10 @@ def test_a_static_decoder_that_does_not_fit_is_a_load_error(tmp_path: Path) -> N
 )
 def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path, device: str, multilingual: bool) -> None:
     """Replayed or eager, a window is one encoder pass, one pass over the whole prompt (after one for
-    the language when it is detected), then one step per further token."""
+    the language when it is detected), then one step per further token. On a GPU, replayed, nothing
+    but reading the sampled tokens makes the host wait for the device (the prompt, the detected
+    language included, is put together there)."""
+    import torch
     import whisper
 
     from skills.speech_decoder import StaticWhisperDecoder
@@ -160,6 +163,13 @@ def test_speech_steps_replayed_from_cuda_graphs_match_eager_steps(tmp_path: Path
     # one step per token after the first, and the one queued before the last token was read
     assert runs == passes + ["step"] * min(longest + 1, SAMPLE_LEN - 1), "not one pass for the prompt and one per token"
     assert {key[0] for key in decoder.graphs.keys()} == set(passes + ["step"]), "no step was replayed from a graph"
+    if device == "cuda":  # captured now: replaying, the host waits for the GPU only where it reads sampled tokens
+        torch.cuda.set_sync_debug_mode("error")  # (an event each, which this mode does not flag)
+        try:
+            again = decoder.decode(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert [r.tokens for r in again] == [r.tokens for r in replayed]
     decoder.graphs.on = False
     assert [r.tokens for r in replayed] == [r.tokens for r in decoder.decode(batch)]
     if device == "cpu":  # in float32 (float16 on a GPU may flip a near tie against whisper's float32)
