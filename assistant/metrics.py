@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -43,3 +47,22 @@ class Metrics:
         self.running = Gauge("assistant_running_turns", "Turns running now", registry=r)
         self.queued = Gauge("assistant_queued_turns", "Turns waiting behind another in their session", registry=r)
         self.skill_ready = Gauge("assistant_skill_ready", "1 when the skill can serve", ["skill"], registry=r)
+
+    def watch_media_holds(self, held: Callable[[], tuple[int, float]]) -> None:
+        """Export what chat first cost speech and vision (``ChatFirst.held``: their steps that waited
+        for chat prefill, and the seconds they waited), read at each scrape."""
+        self.registry.register(_MediaHolds(held))
+
+
+class _MediaHolds(Collector):
+    def __init__(self, held: Callable[[], tuple[int, float]]) -> None:
+        self._held = held
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        holds, seconds = self._held()
+        yield CounterMetricFamily(
+            "assistant_media_chat_first_holds", "Speech and vision steps that waited for chat prefill (chat first)", value=holds
+        )
+        yield CounterMetricFamily(
+            "assistant_media_chat_first_held_seconds", "Seconds speech and vision steps waited for chat prefill", value=seconds
+        )

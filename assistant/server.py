@@ -76,6 +76,9 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     metrics = Metrics()
     settings, model_plan = resolve_models(settings)
     skill_map = skills if skills is not None else build_skills(settings)
+    first = getattr(skill_map.get("chat"), "chat_first", None)  # chat first on a shared GPU (skills/chat_first.py)
+    if first is not None:
+        metrics.watch_media_holds(first.held)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -169,13 +169,17 @@ async def close_all(conns: list) -> None:
 
 def server_metrics(http: str) -> dict:
     """What a run is judged by from the server's /metrics (cumulative): the event-loop lag histogram
-    {upper bound (s): count} and, per TTFT stage of chat turns, (seconds summed, count)."""
+    {upper bound (s): count}, per TTFT stage of chat turns (seconds summed, count), and, where chat
+    goes first on a shared GPU, the speech and vision steps that waited for chat prefill (count, seconds)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     lag: dict[str, float] = {}
     stages: dict[str, list[float]] = {}
+    held: dict[str, float] = {}
     for fam in text_string_to_metric_families(httpx.get(f"{http}/metrics", timeout=30).text):
-        if fam.name == "assistant_event_loop_lag_seconds":
+        if fam.name.startswith("assistant_media_chat_first"):
+            held[fam.name] = fam.samples[0].value
+        elif fam.name == "assistant_event_loop_lag_seconds":
             for s in fam.samples:
                 if s.name.endswith("_bucket"):
                     lag[s.labels["le"]] = s.value
@@ -183,7 +187,10 @@ def server_metrics(http: str) -> dict:
             for s in fam.samples:
                 if s.labels.get("skill") == "chat" and s.name.endswith(("_sum", "_count")):
                     stages.setdefault(s.labels["stage"], [0.0, 0.0])[s.name.endswith("_count")] = s.value
-    return {"lag": lag, "stages": stages}
+    out: dict = {"lag": lag, "stages": stages}
+    if held:
+        out["media_held"] = (held.get("assistant_media_chat_first_holds", 0.0), held.get("assistant_media_chat_first_held_seconds", 0.0))
+    return out
 
 
 def between(before: dict, after: dict) -> dict:
@@ -197,6 +204,9 @@ def between(before: dict, after: dict) -> dict:
     out: dict = {"loop_lag": lag_between(before["lag"], after["lag"])}
     if stages:
         out["ttft_stages_ms"] = stages
+    if "media_held" in after:  # chat first: what the media models waited for chat prefill
+        (n0, s0), (n, s) = before.get("media_held", (0.0, 0.0)), after["media_held"]
+        out["media_held"] = {"steps": int(n - n0), "ms": round((s - s0) * 1e3, 1)}
     return out
 
 
@@ -261,14 +271,28 @@ async def until(done: Callable[[], bool], tasks: list[asyncio.Task], poll: float
 
 def median_round(runs: list[dict]) -> dict:
     """Of several ``chat_load`` rounds, the one with the median TTFT p95 (the upper median), with
-    every round's p95 added as ``ttft_p95_rounds_ms``."""
+    every round's p95 added as ``ttft_p95_rounds_ms`` (and, where the rounds have them, each
+    round's server figures as ``server_rounds``)."""
     ranked = sorted(runs, key=lambda r: r["ttft_ms"]["p95"])
-    return {**ranked[len(ranked) // 2], "ttft_p95_rounds_ms": [r["ttft_ms"]["p95"] for r in runs]}
+    out = {**ranked[len(ranked) // 2], "ttft_p95_rounds_ms": [r["ttft_ms"]["p95"] for r in runs]}
+    out.pop("server", None)
+    if all("server" in r for r in runs):
+        out["server_rounds"] = [r["server"] for r in runs]
+    return out
 
 
-async def chat_rounds(url: str, token: str, sessions: int, rounds: int) -> dict:
-    """``rounds`` bursts of ``sessions`` chat turns, one after another: ``median_round`` of them."""
-    return median_round([await chat_load(url, token, sessions) for _ in range(rounds)])
+async def chat_rounds(url: str, token: str, sessions: int, rounds: int, *, http: str | None = None) -> dict:
+    """``rounds`` bursts of ``sessions`` chat turns, one after another: ``median_round`` of them.
+    Given the server's ``http`` address, each round also gets what the server saw during it
+    (``between`` two scrapes of /metrics, taken outside the timed bursts)."""
+    runs = []
+    for _ in range(rounds):
+        before = await asyncio.to_thread(server_metrics, http) if http else None
+        run = await chat_load(url, token, sessions)
+        if before is not None:
+            run["server"] = between(before, await asyncio.to_thread(server_metrics, http))
+        runs.append(run)
+    return median_round(runs)
 
 
 async def chat_with_media(
@@ -288,7 +312,7 @@ async def chat_with_media(
         steady = ours.recv()
         if steady[0] == "error":
             raise RuntimeError(f"media client failed: {steady[1]}")
-        chat = await chat_rounds(url, token, sessions, rounds)
+        chat = await chat_rounds(url, token, sessions, rounds, http=http)
         ours.send("stop")
         kind, *rest = await asyncio.to_thread(ours.recv)
         if kind == "error":

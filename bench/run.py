@@ -77,7 +77,7 @@ PROFILES: dict[str, dict] = {
         },
         flood_sessions=64, flood_words=400, idle=1000, media=True,
         mixed=dict(sessions=64, speech_streams=16, vision_streams=16, speech_dims="base", vision_shape="blip-base",
-                   rounds=3, server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP
+                   rounds=5, server_args=["--kv-blocks", "512"]),  # leave GPU memory for Whisper and BLIP
     ),
 }
 
@@ -244,7 +244,7 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
         asyncio.run(load.chat_with_media(srv.http, ws, tok, 2, speech_streams=1, vision_streams=1, pcm=pcm, image=image))
         asyncio.run(load.chat_load(ws, tok, cfg["sessions"]))  # warm-up at full width, as chat_runs does
         before = load.server_metrics(srv.http)
-        alone = asyncio.run(load.chat_rounds(ws, tok, cfg["sessions"], rounds))
+        alone = asyncio.run(load.chat_rounds(ws, tok, cfg["sessions"], rounds, http=srv.http))
         alone.update(load.between(before, before := load.server_metrics(srv.http)))
         loaded = asyncio.run(load.chat_with_media(
             srv.http, ws, tok, cfg["sessions"], speech_streams=cfg["speech_streams"], vision_streams=cfg["vision_streams"],
@@ -255,6 +255,10 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     ratio = loaded["chat"]["ttft_ms"]["p95"] / alone["ttft_ms"]["p95"]
     print(f"  mixed: chat ttft p95 {alone['ttft_ms']['p95']} ms alone, {loaded['chat']['ttft_ms']['p95']} ms with "
           f"speech and vision load ({ratio:.2f}x)", flush=True)
+    for name, phase in (("alone", alone), ("with media", loaded["chat"])):
+        for i, (p95, seen) in enumerate(zip(phase["ttft_p95_rounds_ms"], phase.get("server_rounds", [])), 1):
+            print(f"    {name}, burst {i}: ttft p95 {p95} ms; stages (ms) {seen.get('ttft_stages_ms')}; "
+                  f"media held {seen.get('media_held')}", flush=True)
     return {"config": cfg, "chat_alone": alone, "with_media": loaded, "ttft_p95_ratio": round(ratio, 3)}
 
 

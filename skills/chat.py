@@ -9,13 +9,16 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skills.base import HistoryItem, SkillError, SkillRequest, SkillStatus, SkillUsage
 from skills.chat_process import ChatProcessWorker
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
 from skills.detokenize import IncrementalDetokenizer
 from skills.lifecycle import ModelLoadError, ModelSkill
+
+if TYPE_CHECKING:
+    from skills.chat_first import ChatFirst
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +252,11 @@ class ChatSkill(ModelSkill):
                     await asyncio.to_thread(self.worker.load)
                 except ModelLoadError as exc:
                     raise SkillError("skill_unavailable", f"the chat model could not be restarted: {exc}") from exc
+
+    @property
+    def chat_first(self) -> ChatFirst | None:
+        """The flag that holds speech and vision steps for this model's prefill, where chat first is on."""
+        return self.worker.options.chat_first
 
     def expect(self, turns: int = 1) -> None:
         """``turns`` were routed here: where chat goes first on a shared GPU, media holds from now

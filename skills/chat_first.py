@@ -39,6 +39,9 @@ class ChatFirst:
         ctx = multiprocessing.get_context("spawn")
         self._flag = ctx.RawValue("i", 0)
         self._expected = ctx.RawValue("d", 0.0)  # time.monotonic() (one clock for every process) until which prompts are due
+        # Every process's holds that waited, and the seconds they waited: the server's /metrics
+        # (``assistant_media_chat_first_*``) and the mixed-load benchmark read them here.
+        self._total = ctx.Array("d", 2)
         self.max_hold_s, self.min_run_s = max_hold_s, min_run_s
         self._free_until = 0.0  # per process: each gets its own copy of this object
         self.holds = 0  # in this process: holds that waited, and for how long in all
@@ -84,7 +87,15 @@ class ChatFirst:
             self._free_until = now + self.min_run_s
         self.holds += 1
         self.held_s += now - start
+        with self._total.get_lock():
+            self._total[0] += 1
+            self._total[1] += now - start
         return now - start
+
+    def held(self) -> tuple[int, float]:
+        """Holds that waited in every process (speech and vision), and the seconds they waited."""
+        with self._total.get_lock():
+            return int(self._total[0]), self._total[1]
 
     def __getstate__(self) -> dict[str, Any]:  # pickled only as a spawned process's argument
         return {**self.__dict__, "_free_until": 0.0, "holds": 0, "held_s": 0.0}

@@ -125,11 +125,6 @@ class SpeechWorker:
         if opts.engine == "static" or (opts.engine == "auto" and device.startswith("cuda")):
             self.decoder = self._static_decoder(opts.engine == "static")
 
-    def chat_first_held(self) -> tuple[int, float]:
-        """Where the model runs: how many decode steps held for chat prefill, and the seconds held."""
-        first = self.options.chat_first
-        return (first.holds, first.held_s) if first is not None else (0, 0.0)
-
     def host_info(self) -> dict[str, Any]:
         """What the worker in the web process needs to know of a model loaded in a child."""
         return {"device": self.device, "language": self.language, "engine": self.engine}

@@ -42,6 +42,10 @@ def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_pat
     assert "error" not in mixed, mixed
     assert mixed["with_media"]["chat"]["completed"] == mixed["config"]["sessions"]
     assert mixed["with_media"]["speech_latency_ms"]["p50"] > 0 and mixed["with_media"]["vision_latency_ms"]["p50"] > 0
+    for phase in (mixed["chat_alone"], mixed["with_media"]["chat"]):  # each burst's server-side stages, for a miss's profile
+        seen = phase["server_rounds"]
+        assert len(seen) == len(phase["ttft_p95_rounds_ms"]) == mixed["config"].get("rounds", 1)
+        assert all(set(r["ttft_stages_ms"]) == {"admit", "start", "model", "send"} for r in seen), seen
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -250,9 +250,11 @@ def test_the_speech_model_process_holds_its_decode_steps_for_chat(tmp_path: Path
     for name, worker in (("alone", alone), ("held", held)):
         worker.load()
         try:
+            before = first.held()
             first.set(name == "held")
             texts[name] = worker.submit(chirp).result(timeout=120).text
-            holds, seconds = worker._model("chat_first_held")
+            after = first.held()  # counted where the model runs, read here
+            holds, seconds = after[0] - before[0], after[1] - before[1]
         finally:
             first.set(False)
             worker.close()
@@ -278,6 +280,7 @@ def test_vision_generate_holds_before_the_encoder_and_each_step(tmp_path: Path) 
     first.set(False)
     assert out["held"] == out["alone"]
     assert first.holds >= 1 + max(n for _, n in out["held"]), first.holds
+    assert first.held()[0] == first.holds  # in this process, the shared count is its own
 
 
 @pytest.mark.parametrize(("setting", "on"), [("on", True), ("off", False), ("auto", False)])
@@ -292,3 +295,36 @@ def test_one_flag_is_shared_by_chat_speech_and_vision_where_chat_first_is_on(set
         assert isinstance(flags["chat"], ChatFirst) and all(f is flags["chat"] for f in flags.values())
     else:
         assert all(f is None for f in flags.values())
+
+
+def test_the_server_reports_how_long_media_waited_for_chat(tmp_path: Path, tiny_chat_model: Path) -> None:
+    """/metrics counts the steps that waited for chat prefill, and the seconds they waited, in
+    whichever process they ran (a media model's own)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import make_settings, start_server
+
+    def scrape(live: Any) -> dict[str, float]:
+        text = httpx.get(f"{live.http}/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("assistant_media_chat_first")}  # fmt: skip
+
+    live = start_server(make_settings(tmp_path, tiny_chat_model, chat_first="on"))
+    try:
+        first = live.app.state.skills["chat"].chat_first
+        assert isinstance(first, ChatFirst)
+        assert scrape(live) == {"assistant_media_chat_first_holds_total": 0.0, "assistant_media_chat_first_held_seconds_total": 0.0}
+        with media_process(first) as conn:
+            conn.send("hold")
+            assert conn.recv() == 0.0  # no chat prompt waits: not a hold
+            for _ in range(2):
+                first.expect(0.06)  # within the server's bound (0.1 s), so media gets no free run after it
+                conn.send("hold")
+                waited = conn.recv()
+                assert waited > 0.03, waited
+        seen = scrape(live)
+        assert seen["assistant_media_chat_first_holds_total"] == 2.0
+        assert 0.06 < seen["assistant_media_chat_first_held_seconds_total"] < 1.0, seen
+    finally:
+        live.stop()
