@@ -271,11 +271,11 @@ class SpeechWorker:
         import whisper
 
         model = self.model
+        # Each utterance goes to the device as it is and is padded to 30 s there: the same zeros, without
+        # copying them (1.9 MB a window) from the host.
         mels = torch.stack(
             [
-                whisper.log_mel_spectrogram(
-                    whisper.pad_or_trim(torch.from_numpy(x)), n_mels=model.dims.n_mels, device=model.device
-                )
+                whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(x).to(model.device)), n_mels=model.dims.n_mels)
                 for x in samples
             ]
         )
