@@ -9,7 +9,8 @@
 # load:    bench/run.py --profile gpu (BENCH_TIMEOUT seconds, default 520; BENCH_VARIANTS="ours-process ..." runs
 #          only those of the profile's servers besides the naive baseline)      -> OUT/load_gpu.json, .png, log.txt
 # staggered: bench/staggered.py, 256 replies of 8-256 tokens, slots moved down or not -> OUT/staggered_gpu.json
-# mixed:   the mixed phase alone, chat first on then off, 3 bursts each way  -> OUT/mixed_gpu.json, mixed_chat_first_off_gpu.json
+# mixed:   the mixed phase alone, chat first on then off, 5 bursts each way (a line each: stages, media held)
+#          -> OUT/mixed_gpu.json, mixed_chat_first_off_gpu.json
 # speech:  bench/speech_rtf.py, Whisper-base shape, 1 and 16 streams against transcribe, in English, then
 #          detecting the language (the server's default)              -> OUT/speech_rtf_gpu.json, speech_rtf_detect_gpu.json
 # framecap: bench/frame_cap.py, 256 model-free paced streams, no cap and 4000 frames/s (the web process
@@ -42,7 +43,7 @@ for stage in $STAGES; do
     mixed) for first in on off; do
              name=$([ $first = on ] && echo mixed_gpu || echo mixed_chat_first_off_gpu)
              timeout 200 python3 bench/run.py --profile gpu --only mixed --chat-first $first --out "$OUT_DIR/$name.json" \
-               2>&1 | tail -5 || rc=1
+               2>&1 | tail -14 || rc=1
            done ;;
     speech) timeout 240 python3 bench/speech_rtf.py --dims base --streams 16 --device cuda --out "$OUT_DIR/speech_rtf_gpu.json" \
               | tail -40 || rc=1
