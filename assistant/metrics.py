@@ -44,6 +44,14 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=r,
         )
+        self.gc_pauses = Histogram(
+            "assistant_gc_pause_seconds",
+            "How long each of the web process's garbage collections stopped it, by generation (2: a full"
+            " collection)",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
         self.running = Gauge("assistant_running_turns", "Turns running now", registry=r)
         self.queued = Gauge("assistant_queued_turns", "Turns waiting behind another in their session", registry=r)
         self.skill_ready = Gauge("assistant_skill_ready", "1 when the skill can serve", ["skill"], registry=r)

@@ -26,6 +26,7 @@ from assistant.settings import Settings
 from assistant.speech_input import SpeechInput
 from assistant.ws import websocket_endpoint
 from skills.base import Skill
+from skills.gc_pauses import PauseWatch, freeze_loaded, unfreeze
 from skills.registry import build_skills
 from state import db as state_db
 from state.attachments import BlobStore, sweep_blobs
@@ -68,6 +69,13 @@ async def sweep_orphaned_blobs(app: FastAPI) -> None:
         log.info("removed %d stored files no attachment refers to", removed)
 
 
+async def freeze_when_loaded(loaders: list[asyncio.Task]) -> None:
+    """Once every skill has loaded (or failed to), freeze what the process holds for good, so the
+    garbage collector's full collections stop walking it (``skills/gc_pauses.py``)."""
+    await asyncio.gather(*loaders, return_exceptions=True)
+    log.info("froze %d long-lived objects out of the garbage collector's full collections", freeze_loaded())
+
+
 def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) -> FastAPI:
     """Build the app. ``skills`` replaces the registry's skills (tests may pass their own)."""
     engine = state_db.make_engine(settings.database_url, background_checkpoints=True)
@@ -96,9 +104,15 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
         loaders = [asyncio.create_task(s.start()) for s in skill_map.values()]
         sweep = asyncio.create_task(sweep_orphaned_blobs(app))
         lag_probe = asyncio.create_task(watch_loop_lag(metrics.loop_lag))
+        pauses = [metrics.gc_pauses.labels(str(generation)) for generation in range(3)]
+        gc_watch = PauseWatch(lambda generation, seconds: pauses[generation].observe(seconds))
+        gc_watch.start()
+        freezer = asyncio.create_task(freeze_when_loaded(loaders))
         try:
             yield
         finally:
+            freezer.cancel()
+            gc_watch.stop()
             lag_probe.cancel()
             sweep.cancel()
             await app.state.dialogue.shutdown()
@@ -109,6 +123,7 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
             engine.dispose()
             if checkpointer is not None:
                 await asyncio.to_thread(checkpointer.stop)
+            unfreeze()
 
     app = FastAPI(title="Assistant", version=__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -125,6 +125,9 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     finally:
         metrics.connections.dec()
         conn.audio.close()
+        # The stream refers back to the connection: without this cycle the connection, its websocket
+        # and its queue are freed here, not by a full garbage collection (skills/gc_pauses.py).
+        conn.audio = None
         dialogue.detach(conn)
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)

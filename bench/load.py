@@ -169,16 +169,22 @@ async def close_all(conns: list) -> None:
 
 def server_metrics(http: str) -> dict:
     """What a run is judged by from the server's /metrics (cumulative): the event-loop lag histogram
-    {upper bound (s): count}, per TTFT stage of chat turns (seconds summed, count), and, where chat
-    goes first on a shared GPU, the speech and vision steps that waited for chat prefill (count, seconds)."""
+    {upper bound (s): count}, per TTFT stage of chat turns (seconds summed, count), the web process's
+    full garbage collections (seconds summed, count), and, where chat goes first on a shared GPU, the
+    speech and vision steps that waited for chat prefill (count, seconds)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     lag: dict[str, float] = {}
     stages: dict[str, list[float]] = {}
     held: dict[str, float] = {}
+    full_gc = [0.0, 0.0]  # the web process's full garbage collections: seconds summed, count
     for fam in text_string_to_metric_families(httpx.get(f"{http}/metrics", timeout=30).text):
         if fam.name.startswith("assistant_media_chat_first"):
             held[fam.name] = fam.samples[0].value
+        elif fam.name == "assistant_gc_pause_seconds":
+            for s in fam.samples:
+                if s.labels.get("generation") == "2" and s.name.endswith(("_sum", "_count")):
+                    full_gc[s.name.endswith("_count")] = s.value
         elif fam.name == "assistant_event_loop_lag_seconds":
             for s in fam.samples:
                 if s.name.endswith("_bucket"):
@@ -187,15 +193,16 @@ def server_metrics(http: str) -> dict:
             for s in fam.samples:
                 if s.labels.get("skill") == "chat" and s.name.endswith(("_sum", "_count")):
                     stages.setdefault(s.labels["stage"], [0.0, 0.0])[s.name.endswith("_count")] = s.value
-    out: dict = {"lag": lag, "stages": stages}
+    out: dict = {"lag": lag, "stages": stages, "full_gc": full_gc}
     if held:
         out["media_held"] = (held.get("assistant_media_chat_first_holds", 0.0), held.get("assistant_media_chat_first_held_seconds", 0.0))
     return out
 
 
 def between(before: dict, after: dict) -> dict:
-    """The run between two ``server_metrics`` scrapes: its loop lag (``lag_between``) and the mean
-    milliseconds of each TTFT stage of its chat turns (where their time to first frame went)."""
+    """The run between two ``server_metrics`` scrapes: its loop lag (``lag_between``), the mean
+    milliseconds of each TTFT stage of its chat turns (where their time to first frame went), the
+    web process's full garbage collections and the time they stopped it, and what media held."""
     stages = {}
     for stage, (total, n) in after["stages"].items():
         total0, n0 = before["stages"].get(stage, (0.0, 0.0))
@@ -204,6 +211,8 @@ def between(before: dict, after: dict) -> dict:
     out: dict = {"loop_lag": lag_between(before["lag"], after["lag"])}
     if stages:
         out["ttft_stages_ms"] = stages
+    (s0, n0), (s1, n1) = before.get("full_gc", (0.0, 0.0)), after.get("full_gc", (0.0, 0.0))
+    out["full_gc"] = {"collections": int(n1 - n0), "ms": round((s1 - s0) * 1e3, 1)}  # the web process stopped this long
     if "media_held" in after:  # chat first: what the media models waited for chat prefill
         (n0, s0), (n, s) = before.get("media_held", (0.0, 0.0)), after["media_held"]
         out["media_held"] = {"steps": int(n - n0), "ms": round((s - s0) * 1e3, 1)}

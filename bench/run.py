@@ -83,12 +83,15 @@ PROFILES: dict[str, dict] = {
 
 
 class ServerProcess:
-    def __init__(self, name: str, args: list[str], workdir: Path, port: int, timeout: float = 240) -> None:
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, port: int, timeout: float = 240, *, module: str = "bench.serve"
+    ) -> None:
+        """``module`` is run with ``bench.serve``'s arguments (a wrapper around it, e.g. a probe)."""
         self.name, self.port, self.workdir = name, port, workdir
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}/v1/ws"
         self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "bench.serve", "--port", str(port), "--workdir", str(workdir / name), *args]
+        cmd = [sys.executable, "-m", module, "--port", str(port), "--workdir", str(workdir / name), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout)
         self.token = (workdir / name / "token").read_text()
@@ -258,7 +261,7 @@ def mixed(workdir: Path, common: list[str], cfg: dict) -> dict:
     for name, phase in (("alone", alone), ("with media", loaded["chat"])):
         for i, (p95, seen) in enumerate(zip(phase["ttft_p95_rounds_ms"], phase.get("server_rounds", [])), 1):
             print(f"    {name}, burst {i}: ttft p95 {p95} ms; stages (ms) {seen.get('ttft_stages_ms')}; "
-                  f"media held {seen.get('media_held')}", flush=True)
+                  f"media held {seen.get('media_held')}; full gc {seen.get('full_gc')}", flush=True)
     return {"config": cfg, "chat_alone": alone, "with_media": loaded, "ttft_p95_ratio": round(ratio, 3)}
 
 

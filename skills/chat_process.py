@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from skills.chat_worker import ChatWorker, ChatWorkerOptions, RecentPrompts
+from skills.gc_pauses import freeze_loaded
 from skills.model_process import spawn
 from skills.slot_scheduler import StreamOutput
 
@@ -44,6 +45,7 @@ class ChatProcessWorker:
         self.recent_prompts = RecentPrompts(self)
         self.steps = 0
         self.engine = ""  # the child's batching engine, once loaded
+        self.frozen_objects = 0  # objects the child froze once loaded (skills/gc_pauses.py)
         self._max_concurrent = 0
         self._kv_free = 1.0
         self._active: set[str] = set()
@@ -66,6 +68,7 @@ class ChatProcessWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(self.options.model, **local)
         self.eos_token_ids, self.max_positions = info["eos_token_ids"], info["max_positions"]
         self.engine = info["engine"]
+        self.frozen_objects = info["frozen_objects"]
         self._conn, self._alive = parent, True
         threading.Thread(target=self._read, name="chat-worker-reader", daemon=True).start()
         log.info("chat model %s loaded in worker process %d", self.options.model, self._proc.pid)
@@ -181,7 +184,9 @@ def serve(options: ChatWorkerOptions, conn: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - the parent turns this into the skill's unavailable state
         conn.send(("error", str(exc)))
         return
-    conn.send(("ready", {"eos_token_ids": worker.eos_token_ids, "max_positions": worker.max_positions, "engine": worker.engine}))
+    frozen = freeze_loaded()  # the model, torch and transformers: out of the collector's full collections
+    conn.send(("ready", {"eos_token_ids": worker.eos_token_ids, "max_positions": worker.max_positions, "engine": worker.engine,
+                         "frozen_objects": frozen}))  # fmt: skip
     send_lock = threading.Lock()
     stop = threading.Event()
     cancelled: deque[str] = deque()  # the pump forgets these requests

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from skills.gc_pauses import freeze_loaded
 from skills.lifecycle import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def serve(factory: Callable[[Any], Any], options: Any, conn: Any) -> None:
         conn.send(("error", _portable(exc)))
         return
     info = model.host_info() if hasattr(model, "host_info") else {}
+    info["frozen_objects"] = freeze_loaded()  # the model and its libraries: out of the collector's full collections
     conn.send(("ready", info))
     while True:
         try:

@@ -46,6 +46,7 @@ def test_harness_smoke_run_measures_every_server_and_writes_json_and_png(tmp_pat
         seen = phase["server_rounds"]
         assert len(seen) == len(phase["ttft_p95_rounds_ms"]) == mixed["config"].get("rounds", 1)
         assert all(set(r["ttft_stages_ms"]) == {"admit", "start", "model", "send"} for r in seen), seen
+        assert all(set(r["full_gc"]) == {"collections", "ms"} for r in seen), seen  # the web process's full collections
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -36,6 +36,8 @@ def test_the_model_runs_in_another_process(proc_server: LiveServer) -> None:
     assert isinstance(worker, ChatProcessWorker)
     assert worker._proc.pid != os.getpid() and worker._proc.is_alive()
     assert chat_state(proc_server) == "ready"
+    # Torch, transformers and the model, frozen out of the child's full garbage collections (skills/gc_pauses.py).
+    assert worker.frozen_objects > 100_000, worker.frozen_objects
 
 
 def test_a_crashed_model_process_fails_the_turn_and_the_next_turn_restarts_it(proc_server: LiveServer) -> None:

@@ -73,7 +73,9 @@ def test_calls_run_in_the_child_and_errors_come_back_typed() -> None:
     host = ModelProcess("toy-model", toy, {"size": 7})
     try:
         info = host.start()
+        frozen = info.pop("frozen_objects")  # what the child froze once loaded (skills/gc_pauses.py)
         assert info == {"pid": host.pid, "options": {"size": 7}} and host.pid != os.getpid()
+        assert frozen > 1000, frozen
         assert host.call("double", [1, 2, 3]) == [2, 4, 6]
         with pytest.raises(SkillError) as err:
             host.call("refuse", "image_corrupt")
