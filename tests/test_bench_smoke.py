@@ -68,3 +68,18 @@ def test_fused_step_bench_counts_and_times_both_forwards(tmp_path: Path) -> None
         assert ops["fused"]["total"] * 2.5 < ops["model"]["total"], ops
         assert "rms_norm" in ops["fused"]["top"] and "rsqrt" in ops["model"]["top"], ops
         assert row["step_ms"]["fused"] > 0 and row["step_ms"]["model"] > 0
+
+
+def test_gc_pauses_bench_times_the_servers_full_collections_per_burst(tmp_path: Path) -> None:
+    """bench/gc_pauses.py, briefly: its probe sees the server (a process of its own) freeze what it
+    loaded, and each burst is recorded with the full collections that fell inside it."""
+    out = tmp_path / "gc.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gc_pauses.py", "--idle", "20", "--bursts", "4", "--sessions", "8", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["frozen_objects"] > 10_000, result["frozen_objects"]
+    assert len(result["bursts"]) == 4 and all(b["ttft_p95_ms"] > 0 for b in result["bursts"])
+    assert result["full_gc"]["collections"] == len(result["full_gc"]["ms"]) == len(result["full_gc"]["freed"])
