@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -44,17 +45,14 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=r,
         )
-        self.gc_pauses = Histogram(
-            "assistant_gc_pause_seconds",
-            "How long each of the web process's garbage collections stopped it, by generation (2: a full"
-            " collection)",
-            ["generation"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-            registry=r,
-        )
         self.running = Gauge("assistant_running_turns", "Turns running now", registry=r)
         self.queued = Gauge("assistant_queued_turns", "Turns waiting behind another in their session", registry=r)
         self.skill_ready = Gauge("assistant_skill_ready", "1 when the skill can serve", ["skill"], registry=r)
+
+    def watch_gc_pauses(self, watch: Any) -> None:
+        """Export a ``skills.gc_pauses.PauseWatch``'s timings, read at each scrape (a histogram kept
+        by the watch itself: observing a metric inside a collection could deadlock on its lock)."""
+        self.registry.register(_GcPauses(watch))
 
     def watch_media_holds(self, held: Callable[[], tuple[int, float]]) -> None:
         """Export what chat first cost speech and vision (``ChatFirst.held``: their steps that waited
@@ -74,3 +72,19 @@ class _MediaHolds(Collector):
         yield CounterMetricFamily(
             "assistant_media_chat_first_held_seconds", "Seconds speech and vision steps waited for chat prefill", value=seconds
         )
+
+
+class _GcPauses(Collector):
+    def __init__(self, watch: Any) -> None:
+        self._watch = watch
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "assistant_gc_pause_seconds",
+            "How long each of the web process's garbage collections stopped it, by generation (2: a full collection)",
+            labels=["generation"],
+        )
+        bounds = [*(str(b) for b in self._watch.bounds), "+Inf"]
+        for generation, (cumulative, total) in enumerate(self._watch.snapshot()):
+            family.add_metric([str(generation)], list(zip(bounds, cumulative)), total)
+        yield family

@@ -69,6 +69,9 @@ async def sweep_orphaned_blobs(app: FastAPI) -> None:
         log.info("removed %d stored files no attachment refers to", removed)
 
 
+GC_PAUSE_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
 async def freeze_when_loaded(loaders: list[asyncio.Task]) -> None:
     """Once every skill has loaded (or failed to), freeze what the process holds for good, so the
     garbage collector's full collections stop walking it (``skills/gc_pauses.py``)."""
@@ -82,6 +85,8 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     db_file = state_db.sqlite_path(engine)
     checkpointer = WalCheckpointer(db_file) if db_file is not None else None
     metrics = Metrics()
+    gc_watch = PauseWatch(GC_PAUSE_BOUNDS)  # every garbage collection's pause, in /metrics
+    metrics.watch_gc_pauses(gc_watch)
     settings, model_plan = resolve_models(settings)
     skill_map = skills if skills is not None else build_skills(settings)
     first = getattr(skill_map.get("chat"), "chat_first", None)  # chat first on a shared GPU (skills/chat_first.py)
@@ -104,8 +109,6 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
         loaders = [asyncio.create_task(s.start()) for s in skill_map.values()]
         sweep = asyncio.create_task(sweep_orphaned_blobs(app))
         lag_probe = asyncio.create_task(watch_loop_lag(metrics.loop_lag))
-        pauses = [metrics.gc_pauses.labels(str(generation)) for generation in range(3)]
-        gc_watch = PauseWatch(lambda generation, seconds: pauses[generation].observe(seconds))
         gc_watch.start()
         freezer = asyncio.create_task(freeze_when_loaded(loaders))
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 
 
 def freeze_loaded() -> int:
@@ -33,17 +32,40 @@ def unfreeze() -> None:
 
 
 class PauseWatch:
-    """Calls ``observe(generation, seconds)`` after each collection in this process while started."""
+    """Times each collection in this process while started: per generation, how many fell in each
+    bucket (seconds, upper bounds) and their sum. The callback only adds numbers to lists: no lock
+    and no new container, since it runs inside whatever allocation set off the collection (a
+    metrics library's lock taken there could already be held by the same thread)."""
 
-    def __init__(self, observe: Callable[[int, float], None]) -> None:
-        self._observe = observe
+    GENERATIONS = 3
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self._counts = [[0] * (len(bounds) + 1) for _ in range(self.GENERATIONS)]  # the last: above every bound
+        self._sums = [0.0] * self.GENERATIONS
         self._began = 0.0
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._began = time.perf_counter()
-        else:
-            self._observe(info["generation"], time.perf_counter() - self._began)
+            return
+        seconds, generation = time.perf_counter() - self._began, info["generation"]
+        bucket = 0
+        while bucket < len(self.bounds) and seconds > self.bounds[bucket]:
+            bucket += 1
+        self._counts[generation][bucket] += 1
+        self._sums[generation] += seconds
+
+    def snapshot(self) -> list[tuple[list[int], float]]:
+        """Per generation: cumulative counts at each bound and in all (the last), and the seconds summed."""
+        out = []
+        for counts, total in zip(self._counts, self._sums):
+            cumulative, running = [], 0
+            for n in counts:
+                running += n
+                cumulative.append(running)
+            out.append((cumulative, total))
+        return out
 
     def start(self) -> None:
         gc.callbacks.append(self._callback)
