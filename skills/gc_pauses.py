@@ -3,7 +3,7 @@
 A full collection (generation 2) walks every container object the process holds, and nothing else
 in the process runs meanwhile: not the web process's event loop, not the chat model's scheduler. A
 process that has imported torch and transformers holds about 400,000 of them, so each full
-collection stopped it for 100-370 ms on the 2-core CPU (``bench/README.md``, "Garbage collector
+collection stopped it for 175-370 ms on the 2-core CPU (``bench/README.md``, "Garbage collector
 pauses"), at times the collector chose: in the middle of a burst of turns or of a model's decode.
 
 Once a process has loaded what it keeps for its lifetime (libraries, models, tokenizers),
