@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import time
@@ -108,14 +109,23 @@ async def _client(url: str, token: str, text: str, ready: asyncio.Queue, go: asy
 
 
 async def chat_load(url: str, token: str, sessions: int, *, cap_s: float = 600.0, text: str = PROMPT) -> dict:
-    """Run ``sessions`` concurrent turns and measure what the clients saw."""
+    """Run ``sessions`` concurrent turns and measure what the clients saw. This process's garbage
+    collector is off from the send to the last reply: with torch and transformers loaded here (the
+    harness builds the model), one full collection stopped every client for 135-150 ms on the
+    2-core CPU, inside a burst, where it would count as the server's latency."""
     ready: asyncio.Queue = asyncio.Queue()
     go = asyncio.Event()
     tasks = [asyncio.create_task(_client(url, token, text, ready, go, cap_s)) for _ in range(sessions)]
     for _ in range(sessions):
         await ready.get()
-    go.set()
-    streams: list[Stream] = await asyncio.gather(*tasks)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        go.set()
+        streams: list[Stream] = await asyncio.gather(*tasks)
+    finally:
+        if collecting:
+            gc.enable()
     return stream_stats(streams, cap_s)
 
 
