@@ -35,7 +35,7 @@ def test_the_server_freezes_what_it_loaded_and_reports_each_collection(tmp_path:
         before = gc_pauses(live)
         gc.collect()
         after = gc_pauses(live)
-        assert after["2"] == before["2"] + 1, (before, after)
+        assert after["2"] >= before["2"] + 1, (before, after)  # (another may come on its own meanwhile)
     finally:
         live.stop()
     assert gc.get_freeze_count() == 0  # a stopped server gives its objects back to the collector
