@@ -44,8 +44,6 @@ class ChatFirst:
         self._total = ctx.Array("d", 2)
         self.max_hold_s, self.min_run_s = max_hold_s, min_run_s
         self._free_until = 0.0  # per process: each gets its own copy of this object
-        self.holds = 0  # in this process: holds that waited, and for how long in all
-        self.held_s = 0.0
 
     def set(self, waiting: bool) -> None:
         """The chat side: prompts are waiting for prefill (True) or none is (False)."""
@@ -85,8 +83,6 @@ class ChatFirst:
             now = time.monotonic()
         if self.pending(now):  # held as long as a step may be: media's turn now, however long chat waits
             self._free_until = now + self.min_run_s
-        self.holds += 1
-        self.held_s += now - start
         with self._total.get_lock():
             self._total[0] += 1
             self._total[1] += now - start
@@ -98,4 +94,4 @@ class ChatFirst:
             return int(self._total[0]), self._total[1]
 
     def __getstate__(self) -> dict[str, Any]:  # pickled only as a spawned process's argument
-        return {**self.__dict__, "_free_until": 0.0, "holds": 0, "held_s": 0.0}
+        return {**self.__dict__, "_free_until": 0.0}
