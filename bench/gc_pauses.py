@@ -32,17 +32,17 @@ PROBE = "BENCH_GC_PROBE"  # set for the server process: where the probe writes w
 
 
 def probe_and_serve() -> None:
-    """The server process: time each collection (wall clock, generation, ms, freed objects), rewrite
-    the file every 0.2 s, and serve as ``bench.serve`` does."""
+    """The server process: time each full collection (wall clock, ms, freed objects), rewrite the
+    file every 0.2 s, and serve as ``bench.serve`` does."""
     path = Path(os.environ[PROBE])
-    seen: list[tuple[float, int, float, int]] = []
+    seen: list[tuple[float, float, int]] = []
     began = [0.0]
 
     def callback(phase: str, info: dict) -> None:
         if phase == "start":
             began[0] = time.perf_counter()
         elif info["generation"] == 2:
-            seen.append((time.time(), 2, (time.perf_counter() - began[0]) * 1e3, info["collected"]))
+            seen.append((time.time(), (time.perf_counter() - began[0]) * 1e3, info["collected"]))
 
     def write() -> None:
         while True:
@@ -103,15 +103,15 @@ def main() -> None:
     full = [c for c in probed["full"] if c[0] >= t0]
     bursts = []
     for start, end, p95 in windows:
-        inside = [round(ms, 1) for at, _, ms, _ in full if start <= at <= end]
+        inside = [round(ms, 1) for at, ms, _ in full if start <= at <= end]
         bursts.append({"ttft_p95_ms": p95, "full_gc_ms": inside})
     p95s = sorted(b["ttft_p95_ms"] for b in bursts)
     result = {
         **stamp(), "mode": args.mode, "idle": args.idle, "sessions": args.sessions, "cpus": os.cpu_count(),
         "frozen_objects": probed["frozen"],
         "bursts_ttft_p95_ms": {"median": p95s[len(p95s) // 2], "p90": p95s[int(0.9 * len(p95s))], "max": p95s[-1]},
-        "full_gc": {"collections": len(full), "ms": [round(c[2], 1) for c in full], "freed": [c[3] for c in full],
-                    "max_ms": round(max((c[2] for c in full), default=0.0), 1)},
+        "full_gc": {"collections": len(full), "ms": [round(c[1], 1) for c in full], "freed": [c[2] for c in full],
+                    "max_ms": round(max((c[1] for c in full), default=0.0), 1)},
         "bursts": bursts,
     }  # fmt: skip
     emit(result, args.out)
