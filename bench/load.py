@@ -305,11 +305,12 @@ async def chat_rounds(url: str, token: str, sessions: int, rounds: int, *, http:
     Given the server's ``http`` address, each round also gets what the server saw during it
     (``between`` two scrapes of /metrics, taken outside the timed bursts)."""
     runs = []
+    before = await asyncio.to_thread(server_metrics, http) if http else None
     for _ in range(rounds):
-        before = await asyncio.to_thread(server_metrics, http) if http else None
         run = await chat_load(url, token, sessions)
-        if before is not None:
-            run["server"] = between(before, await asyncio.to_thread(server_metrics, http))
+        if http:  # one scrape ends this round and begins the next
+            after = await asyncio.to_thread(server_metrics, http)
+            run["server"], before = between(before, after), after
         runs.append(run)
     return median_round(runs)
 
