@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel
-from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from assistant import protocol as p
 from assistant.stream_writer import StreamWriter
 from assistant.metrics import Metrics
-from assistant.image_context import image_bytes, image_context, mentions_attachments, turn_attachments
+from assistant.image_context import asked, image_bytes, image_context, mentions_attachments, turn_attachments
 from assistant.router import Decision, SessionState, TurnRequest, UnknownSkill, route
 from assistant.settings import Settings
 from skills.base import HistoryItem, Skill, SkillError, SkillRequest, SkillRun
 from state import store
-from state.attachments import BlobStore, attachment_refs, blob_refs, release_blobs, session_attachments
+from state.attachments import AttachmentRef, BlobStore, attachment_refs, blob_refs, release_blobs, session_attachments
 from state.context import ContextRow
 from state.context import context as read_context
 from state.context import contexts as read_contexts
@@ -417,7 +416,7 @@ class DialogueManager:
         if not admitted:
             return
         idle = {turn.session_id for it, turn in admitted if not it.busy}
-        contexts = read_contexts(db, session_ids=idle, chars=self._history_chars) if idle else {}
+        contexts = read_contexts(db, session_ids=idle, chars=self._history_chars, asked=asked) if idle else {}
         more = {sid for sid in idle if sid not in refs and mentions_attachments(contexts.get(sid, ()))}
         if more:  # earlier turns of these sessions named attachments: their images are labelled
             refs.update(attachment_refs(db, session_ids=more))
@@ -430,7 +429,7 @@ class DialogueManager:
                 position = msgs[-1].position + 1 if msgs else 0
                 turn.started = it.received
                 try:
-                    turn.routing = self._decide(db, turn, msgs, refs.get(turn.session_id, {}))  # read above if any
+                    turn.routing = self._decide(db, turn, msgs, position, refs.get(turn.session_id, {}))  # read above if any
                     reply = self._routed_fields(turn.routing[0], cancelled=False)
                 except UnknownSkill:  # a /command naming no skill: _run_turn fails the turn
                     pass
@@ -520,14 +519,14 @@ class DialogueManager:
                 del self._runners[session_id]
 
     def _decide(
-        self, db: Session, turn: _Turn, msgs: Sequence[ContextRow], refs: Mapping[str, Row] | None = None
+        self, db: Session, turn: _Turn, msgs: Sequence[ContextRow], position: int, refs: Mapping[str, AttachmentRef] | None = None
     ) -> tuple[Decision, list[HistoryItem]]:
-        """Route ``turn`` given the session's messages before it (``state.context`` rows) and its
-        attachments (``attachment_refs``; read here when None and a message names one); raises
-        ``UnknownSkill``. Returns the decision and the history the skill gets."""
+        """Route ``turn`` (its user message at ``position``) given the session's messages before it
+        (``state.context`` rows) and its attachments (``attachment_refs``; read here when None and a
+        message names one); raises ``UnknownSkill``. Returns the decision and the history the skill gets."""
         if refs is None:
             refs = attachment_refs(db, session_ids=[turn.session_id])[turn.session_id] if mentions_attachments(msgs) else {}
-        state, history = self._session_state(msgs, refs)
+        state, history = self._session_state(msgs, refs, position)
         decision = route(
             TurnRequest(turn.text, turn.attachment_ids, turn.override, turn.image_ids),
             state,
@@ -562,12 +561,14 @@ class DialogueManager:
         )
 
     @staticmethod
-    def _session_state(msgs: Sequence[ContextRow], refs: Mapping[str, Row]) -> tuple[SessionState, list[HistoryItem]]:
-        images = image_context(refs, messages=msgs)
+    def _session_state(
+        msgs: Sequence[ContextRow], refs: Mapping[str, AttachmentRef], position: int
+    ) -> tuple[SessionState, list[HistoryItem]]:
+        images = image_context(refs, messages=msgs, before=position)
         items: list[HistoryItem] = []
         last_skill = None
         for m in msgs:
-            if not m.recent:  # an older turn that named an image: read for the images alone
+            if not m.recent:  # an older turn read for the images alone (state.context)
                 pass
             elif m.role == "user":
                 items.append(HistoryItem("user", images.render_user(m)))
@@ -603,9 +604,11 @@ class DialogueManager:
             else:
                 # Read the session, route, and store and log the decision in one transaction.
                 with self._db() as db:
-                    msgs = read_context(db, session_id=turn.session_id, chars=self._history_chars, before=turn.position)
+                    msgs = read_context(
+                        db, session_id=turn.session_id, chars=self._history_chars, before=turn.position, asked=asked
+                    )
                     try:
-                        decision, history = self._decide(db, turn, msgs)
+                        decision, history = self._decide(db, turn, msgs, turn.position)
                     except UnknownSkill as exc:  # e.g. the skill was removed since the turn was queued
                         raise SkillError("skill_unknown", f"unknown skill {exc}") from None
                     store.update_reply(

@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from assistant.image_refs import is_follow_up
 from assistant.router import split_command
-from state.attachments import BlobStore
+from state.attachments import AttachmentRef, BlobStore
 from state.context import ContextRow
 from state.models import Attachment
 
@@ -29,12 +28,14 @@ class ImageContext:
         return f"{label}{message.text}".strip() if label else message.text
 
 
-def turn_attachments(refs: Mapping[str, Row], *, user_id: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+def turn_attachments(
+    refs: Mapping[str, AttachmentRef], *, user_id: str, ids: Sequence[str]
+) -> tuple[list[str], list[str]]:
     """(unknown ids, image ids) for the ids a turn refers to: an id is unknown unless it is an
     attachment of ``user_id`` among ``refs`` (the session's, from ``attachment_refs``)."""
-    rows = {i: a for i, a in refs.items() if a.user_id == user_id}
-    unknown = [i for i in ids if i not in rows]
-    images = list(dict.fromkeys(i for i in ids if i in rows and rows[i].kind == "image"))
+    known = [i for i in ids if i in refs and refs[i].user_id == user_id]
+    unknown = [i for i in ids if i not in known]
+    images = list(dict.fromkeys(i for i in known if refs[i].kind == "image"))
     return unknown, images
 
 
@@ -43,11 +44,28 @@ def mentions_attachments(messages: Sequence[ContextRow]) -> bool:
     return any(m.attachment_ids for m in messages)
 
 
-def image_context(refs: Mapping[str, Row], *, messages: Sequence[ContextRow]) -> ImageContext:
+def asked(text: str) -> bool:
+    """Whether a user message asked a question of its own (not a bare /command, not a follow-up that
+    repeats the last one): what ``last_question`` is taken from."""
+    _, question = split_command(text)
+    return bool(question.strip()) and not is_follow_up(question)
+
+
+def image_context(
+    refs: Mapping[str, AttachmentRef], *, messages: Sequence[ContextRow], before: int | None = None
+) -> ImageContext:
     """``refs``: the session's attachments (``attachment_refs``); may be empty when no message
-    ``mentions_attachments``."""
+    ``mentions_attachments``. The registry is the images that user messages before position
+    ``before`` (all, if None) named, numbered in the order they were first named; ``messages`` (see
+    ``state.context``) give the rest."""
     images = {i for i, a in refs.items() if a.kind == "image"}
-    registry: list[str] = []
+    firsts = sorted(
+        (a.first_position, a.first_index, i)
+        for i, a in refs.items()
+        if i in images and a.first_position is not None and (before is None or a.first_position < before)
+    )
+    registry = [i for _, _, i in firsts]
+    number = {i: n for n, i in enumerate(registry, 1)}
     focus: str | None = None
     last_question: str | None = None
     user_text: dict[str, str] = {}
@@ -56,21 +74,15 @@ def image_context(refs: Mapping[str, Row], *, messages: Sequence[ContextRow]) ->
         ids = [i for i in (m.attachment_ids or []) if i in images]
         if m.role == "user":
             user_text[m.turn_id] = m.text
-            registry.extend(i for i in ids if i not in registry)
             if ids:
                 about[m.turn_id] = ids
         elif ids:  # the reply stores the image the router resolved
             about.setdefault(m.turn_id, ids)
         if ids:
             focus = ids[-1]
-        if m.role == "assistant" and m.skill == "vqa" and m.status == "completed":
-            _, question = split_command(user_text.get(m.turn_id, ""))
-            if question.strip() and not is_follow_up(question):
-                last_question = question.strip()
-    labels = {
-        turn_id: "".join(f"[image {registry.index(i) + 1}] " for i in ids if i in registry)
-        for turn_id, ids in about.items()
-    }
+        if m.role == "assistant" and m.skill == "vqa" and m.status == "completed" and asked(user_text.get(m.turn_id, "")):
+            last_question = split_command(user_text[m.turn_id])[1].strip()
+    labels = {turn_id: "".join(f"[image {number[i]}] " for i in ids if i in number) for turn_id, ids in about.items()}
     return ImageContext(tuple(registry), focus, last_question, labels)
 
 

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     chat_system_prompt: str = "You are a helpful assistant."
     # Token budget for the prompt built from the history (oldest turns are dropped first).
     chat_context_tokens: int = 2048
-    # Characters of a session's newest messages each turn reads (older turns with images are read
-    # for their images alone). None: 16 per token of chat_context_tokens; 0: the whole history.
+    # Characters of a session's newest messages each turn reads (of older turns, the newest to name
+    # an image and to be answered by VQA are read for the images alone). None: 16 per token of
+    # chat_context_tokens; 0: the whole history.
     history_chars: int | None = None
     chat_max_new_tokens: int = 512
     # Sampling; 0 temperature means greedy decoding.

@@ -6,7 +6,7 @@ client-side time to first token (p50/p95 per burst, and their medians) and the s
 time per turn over the bursts (read from the OS); with ``--py-spy`` (the ``py-spy`` tool installed)
 it also samples the server, to show where that time goes (``spy.raw`` in the printed workdir).
 
-    .venv/bin/python bench/admission.py --bursts 10 [--py-spy]
+    .venv/bin/python bench/admission.py --bursts 10 [--py-spy] [--history-chars 200]
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ async def bursts(url: str, token: str, n: int, on_ready) -> list[tuple[float, fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bursts", type=int, default=10)
+    ap.add_argument("--history-chars", type=int, help="the history a turn reads (small: every session reads older turns)")
     ap.add_argument("--port", type=int, default=8934)
     ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy: CPU ms per turn")
     ap.add_argument("--out", type=Path, help="also write the result here as JSON")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="admission-"))
-    server = ServerProcess("flood", ["--mode", "flood", "--flood-words", "1", "--device", "cpu"], workdir, args.port)
+    window = [] if args.history_chars is None else ["--history-chars", str(args.history_chars)]
+    server = ServerProcess("flood", ["--mode", "flood", "--flood-words", "1", "--device", "cpu", *window], workdir, args.port)
     spy, cpu = None, {}
     try:
 
@@ -76,6 +78,7 @@ def main() -> None:
         **stamp(),
         "cpus": psutil.cpu_count(),
         "sessions": SESSIONS,
+        "history_chars": args.history_chars,
         "bursts_ttft_ms_p50_p95": [(round(a, 1), round(b, 1)) for a, b in runs],
         "median_ttft_ms": {"p50": round(statistics.median(r[0] for r in runs), 1), "p95": round(statistics.median(r[1] for r in runs), 1)},
     }

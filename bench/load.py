@@ -58,10 +58,11 @@ async def _session(ws) -> str:  # noqa: ANN001
     return ev["session_id"]
 
 
-async def timed_turn(ws, sid: str, text: str) -> float:  # noqa: ANN001
-    """Send one turn on an open connection and wait for its reply; returns its time to first token (s)."""
+async def timed_turn(ws, sid: str, text: str, **fields: object) -> float:  # noqa: ANN001
+    """Send one turn (``fields`` added to its event) on an open connection and wait for its reply;
+    returns its time to first token (s)."""
     sent, first = time.perf_counter(), None
-    await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": text, "event_id": "t"}))
+    await ws.send(json.dumps({"type": "turn.create", "session_id": sid, "text": text, "event_id": "t", **fields}))
     while True:
         raw = await ws.recv()
         if first is None and '"response.delta"' in raw[:64]:

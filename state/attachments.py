@@ -11,8 +11,9 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
-from sqlalchemy import Row, bindparam, func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from state.models import Attachment, ChatSession, Message
@@ -176,17 +177,32 @@ def session_attachments(db: Session, *, session_id: str) -> Sequence[Attachment]
 
 
 _attachments_t = Attachment.__table__
-_REFS = select(*(_attachments_t.c[k] for k in ("session_id", "id", "user_id", "kind"))).where(
+
+
+class AttachmentRef(NamedTuple):
+    """What a turn needs of an attachment (a plain tuple: a long session may have thousands, and a
+    SQLAlchemy Row's attributes cost ~10x a tuple's)."""
+
+    session_id: str
+    id: str
+    user_id: str
+    kind: str
+    first_position: int | None  # where a user message of the session first named it (None: none has)
+    first_index: int | None  # its place among that message's ids
+
+
+_REFS = select(*(_attachments_t.c[k] for k in AttachmentRef._fields)).where(
     _attachments_t.c.session_id.in_(bindparam("sids", expanding=True))
 )
 
 
-def attachment_refs(db: Session, *, session_ids: Collection[str]) -> dict[str, dict[str, Row]]:
-    """Each of these sessions' attachments as ``id -> (session_id, id, user_id, kind)`` rows, in one
-    prepared Core read: what admitting a turn checks its attachment ids against and labels the
-    session's images with (no ORM objects, no JSON to parse). A session with none maps to ``{}``."""
-    out: dict[str, dict[str, Row]] = {sid: {} for sid in session_ids}
+def attachment_refs(db: Session, *, session_ids: Collection[str]) -> dict[str, dict[str, AttachmentRef]]:
+    """Each of these sessions' attachments as ``id -> AttachmentRef``, in one prepared Core read:
+    what admitting a turn checks its attachment ids against and numbers and labels the session's
+    images with (no ORM objects, no JSON to parse). A session with none maps to ``{}``."""
+    out: dict[str, dict[str, AttachmentRef]] = {sid: {} for sid in session_ids}
     if out:
-        for row in db.connection().execute(_REFS, {"sids": list(out)}):
-            out[row.session_id][row.id] = row
+        make = AttachmentRef._make
+        for ref in map(make, db.connection().execute(_REFS, {"sids": list(out)}).all()):  # all(): one fetch, not one a row
+            out[ref.session_id][ref.id] = ref
     return out

@@ -12,6 +12,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 DEFAULT_TITLE = "New chat"  # until the first turn names the session
 # A message that names attachments: the condition of the partial index ix_messages_attached.
 NAMES_ATTACHMENTS = "attachment_ids != '[]'"
+# A reply that visual question answering gave: the condition of the partial index ix_messages_vqa
+# (the last question asked about an image, found without reading a long session's other turns).
+ANSWERED_BY_VQA = "role = 'assistant' AND skill = 'vqa'"
 
 
 def new_id() -> str:
@@ -74,6 +77,7 @@ class Message(Base):
         Index("ix_messages_session_position", "session_id", "position"),
         # The rows that name attachments, found without reading a long session's text (state.context).
         Index("ix_messages_attached", "session_id", "position", sqlite_where=text(NAMES_ATTACHMENTS)),
+        Index("ix_messages_vqa", "session_id", "position", sqlite_where=text(ANSWERED_BY_VQA)),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -116,6 +120,10 @@ class Attachment(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Where a user message of the session first named it (position, index among that message's ids),
+    # None until one does: the session's images are numbered in that order ("image 2").
+    first_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    first_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Event(Base):

@@ -151,8 +151,9 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], titles: Mapping[str, str
     """Store many turns, in order (several may share a session), with one insert for all their
     messages and one update for all their sessions; a session still called "New chat" is named after
     its first turn with text. ``titles`` holds each session's title as read. Returns (reply id, user
-    message position) per turn. Core statements: turns are admitted on the event loop, and a burst
-    of them waits on this."""
+    message position) per turn. Each attachment a user message names for the first time in its
+    session gets that position (``Attachment.first_position``: the session's image numbers). Core
+    statements: turns are admitted on the event loop, and a burst of them waits on this."""
     if not turns:
         return []
     conn = db.connection()
@@ -170,9 +171,10 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], titles: Mapping[str, str
             next_position[sid] = (last if last is not None else -1) + 1
     titles = dict(titles)
     named: dict[str, str] = {}
-    rows, out = [], []
+    rows, out, first_named = [], [], []
     for turn in turns:
         position = turn.position if turn.position is not None else next_position[turn.session_id]
+        first_named += [{"aid": aid, "v_position": position, "v_index": k} for k, aid in enumerate(turn.attachment_ids)]
         next_position[turn.session_id] = position + 2
         reply_id = new_id()
         common = {"session_id": turn.session_id, "turn_id": turn.turn_id}  # the other columns take their defaults
@@ -192,6 +194,8 @@ def add_turns(db: Session, *, turns: Sequence[NewTurn], titles: Mapping[str, str
     conn.execute(_TOUCH, [{"sid": sid, "v_updated": now} for sid in dict.fromkeys(t.session_id for t in turns)])
     if named:
         conn.execute(_NAME, [{"sid": sid, "v_title": title} for sid, title in named.items()])
+    if first_named:  # in order: an id named twice keeps its first place
+        conn.execute(_FIRST_NAMED, first_named)
     return out
 
 
@@ -220,6 +224,12 @@ def unfinished_replies(db: Session) -> Sequence[Message]:
 
 # Core statements for the streaming hot path (built once; bypass the ORM's per-call work).
 _sessions_t, _events_t, _messages_t = ChatSession.__table__, Event.__table__, Message.__table__
+_attachments_t = Attachment.__table__
+_FIRST_NAMED = (
+    update(_attachments_t)
+    .where(_attachments_t.c.id == bindparam("aid"), _attachments_t.c.first_position.is_(None))
+    .values(first_position=bindparam("v_position"), first_index=bindparam("v_index"))
+)
 _BUMP_SEQ = (
     update(_sessions_t)
     .where(_sessions_t.c.id == bindparam("sid"))

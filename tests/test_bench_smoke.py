@@ -83,3 +83,27 @@ def test_gc_pauses_bench_times_the_servers_full_collections_per_burst(tmp_path: 
     assert result["frozen_objects"] > 10_000, result["frozen_objects"]
     assert len(result["bursts"]) == 4 and all(b["ttft_p95_ms"] > 0 for b in result["bursts"])
     assert result["full_gc"]["collections"] == len(result["full_gc"]["ms"]) == len(result["full_gc"]["freed"])
+
+
+def test_long_session_bench_grows_a_session_whose_turns_each_name_a_new_image(tmp_path: Path) -> None:
+    """bench/long_session.py --images new, briefly: every turn uploads a new image and names it, and
+    the server stored each as a numbered image of the session (the turns went to chat, as asked)."""
+    import sqlite3
+
+    out = tmp_path / "long.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/long_session.py", "--images", "new", "--configs", "window", "--checkpoints", "4", "12",
+         "--probes", "3", "--port", "8961", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["images"] == "new"
+    assert [r["messages"] for r in result["runs"]["window"]] == [4, 12]
+    assert all(r["ttft_ms_p50"] > 0 and r["server_cpu_ms_per_turn"] > 0 for r in result["runs"]["window"])
+    with sqlite3.connect(Path(result["workdir"]) / "window" / "assistant.db") as conn:
+        named = conn.execute(
+            "SELECT count(*), count(DISTINCT first_position) FROM attachments WHERE first_position IS NOT NULL"
+        ).fetchone()
+        skills = {row[0] for row in conn.execute("SELECT skill FROM messages WHERE role = 'assistant'")}
+    assert named == (9, 9) and skills == {"chat"}  # 2 + 3 + 1 + 3 turns, one new image each

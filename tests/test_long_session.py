@@ -5,6 +5,7 @@ is given and where each turn is routed are what reading everything would give, w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from pathlib import Path
@@ -30,7 +31,7 @@ def sessions(tmp_path: Path):  # noqa: ANN201
     engine.dispose()
 
 
-def _expected(rows: list[dict], chars: int | None, before: int | None) -> list[tuple[int, bool]]:
+def _expected(rows: list[dict], chars: int | None, before: int | None, asked=None) -> list[tuple[int, bool]]:  # noqa: ANN001
     """The rule of ``state.context.contexts``, written plainly over all of a session's rows."""
     rows = [r for r in rows if before is None or r["position"] < before]
     if chars is None or not rows:
@@ -42,15 +43,25 @@ def _expected(rows: list[dict], chars: int | None, before: int | None) -> list[t
         keep.append(r)
         after += len(r["text"]) + state_context.PER_MESSAGE
     first = keep[-1]["position"]
-    named = {r["turn_id"] for r in rows if r["attachment_ids"]}
-    older = [(r["position"], False) for r in rows if r["position"] < first and r["turn_id"] in named]
-    return older + [(r["position"], True) for r in reversed(keep)]
+    older = [r for r in rows if r["position"] < first]
+    named = [r["turn_id"] for r in older if r["attachment_ids"]]
+    turns = set(named[-1:])  # the newest turn that named an attachment
+    user_text = {r["turn_id"]: r["text"] for r in older if r["role"] == "user"}
+    for r in older[::-1]:  # the newest VQA answers, back to one whose question was asked
+        if r["role"] == "assistant" and r["skill"] == "vqa" and r["status"] == "completed":
+            turns.add(r["turn_id"])
+            if asked is None or asked(user_text.get(r["turn_id"], "")):
+                break
+    return [(r["position"], False) for r in older if r["turn_id"] in turns] + [(r["position"], True) for r in reversed(keep)]
 
 
-def test_a_turn_reads_the_newest_messages_that_fit_and_every_turn_that_named_an_image(sessions) -> None:  # noqa: ANN001
+def test_a_turn_reads_the_newest_messages_that_fit_and_the_older_turns_the_images_need(sessions) -> None:  # noqa: ANN001
     """Random sessions (up to 300 messages, so past the first read of 32 rows and the next of 128;
-    texts of 0-400 characters; a few turns naming attachments on either message) against the rule
-    written plainly, for windows from one character to everything, with and without ``before``."""
+    texts of 0-400 characters; turns naming attachments on either message, some answered by VQA,
+    some of those follow-ups) against the rule written plainly, for windows from one character to
+    everything, with and without ``before``, with and without a test of the questions asked."""
+    from assistant.image_context import asked
+
     rng = random.Random(7)
     with sessions.begin() as db:
         user = store.get_or_create_user(db, name="ann")
@@ -61,49 +72,108 @@ def test_a_turn_reads_the_newest_messages_that_fit_and_every_turn_that_named_an_
             for pos in range(n):
                 turn = rows[-1]["turn_id"] if pos % 2 else new_id()
                 named = rng.random() < (0.06 if pos % 2 == 0 else 0.03)
+                text_ = rng.choice(["x" * rng.choice([0, 3, 40, 400]), "what is it?", "and in the first photo?"])
                 rows.append({"id": new_id(), "session_id": sid, "turn_id": turn, "position": pos,
-                             "role": ("user", "assistant")[pos % 2], "text": "x" * rng.choice([0, 3, 40, 400]),
-                             "status": "completed", "skill": "chat" if pos % 2 else None,
+                             "role": ("user", "assistant")[pos % 2], "text": text_ if pos % 2 == 0 else "x" * rng.choice([3, 40]),
+                             "status": rng.choice(["completed"] * 4 + ["failed"]),
+                             "skill": rng.choice(["chat", "vqa", "caption"]) if pos % 2 else None,
                              "attachment_ids": [new_id()] if named else []})  # fmt: skip
             if rows:
                 db.execute(Message.__table__.insert(), rows)
     assert sum(r["attachment_ids"] != [] for rows in data.values() for r in rows) >= 10
+    answered = [r for rows in data.values() for r in rows if r["skill"] == "vqa" and r["status"] == "completed"]
+    assert len(answered) >= 40
     with sessions() as db:
-        for chars in (None, 1, 50, 450, 3000, 20000, 10**9):
-            for before in (None, 0, 1, 31, 100, 201):
-                got = state_context.contexts(db, session_ids=list(data), chars=chars, before=before)
-                for sid, rows in data.items():
-                    want = _expected(rows, chars, before)
-                    rows_got = got.get(sid, [])
-                    assert [(r.position, bool(r.recent)) for r in rows_got] == want, (len(rows), chars, before)
-                    by_position = {r["position"]: r for r in rows}
-                    for r in rows_got:
-                        stored = by_position[r.position]
-                        want_row = (stored["text"], stored["turn_id"], stored["attachment_ids"] or None)
-                        assert (r.text, r.turn_id, r.attachment_ids) == want_row
+        windows = itertools.product((None, 1, 50, 450, 3000, 20000, 10**9), (None, 0, 1, 31, 100, 201), (None, asked))
+        for chars, before, test in windows:
+            got = state_context.contexts(db, session_ids=list(data), chars=chars, before=before, asked=test)
+            for sid, rows in data.items():
+                want = _expected(rows, chars, before, test)
+                rows_got = got.get(sid, [])
+                assert [(r.position, bool(r.recent)) for r in rows_got] == want, (len(rows), chars, before, test)
+                by_position = {r["position"]: r for r in rows}
+                for r in rows_got:
+                    stored = by_position[r.position]
+                    want_row = (stored["text"], stored["turn_id"], stored["attachment_ids"] or None)
+                    assert (r.text, r.turn_id, r.attachment_ids) == want_row
 
 
-def test_older_turns_that_named_images_are_found_through_the_partial_index(sessions) -> None:  # noqa: ANN001
-    """The rows that name attachments are looked up in ``ix_messages_attached``, not by scanning a
-    long session's messages (4 ms of the event loop per turn at 4,000 messages before)."""
+def test_the_older_turns_the_images_need_are_a_few_index_seeks_however_many_named_images(sessions) -> None:  # noqa: ANN001
+    """A session of 300 turns that each name an image (every fourth answered by VQA, the rest
+    captioned): a turn reads its window and two older turns, the newest that named an image and the
+    newest VQA answer, through ``ix_messages_attached``, ``ix_messages_vqa`` and the positions. It
+    used to read all 300 older turns (44 ms of the event loop per turn at 4,000 messages)."""
     from sqlalchemy import event as sa_event
+
+    from assistant.image_context import asked
 
     with sessions.begin() as db:
         sid = store.create_session(db, user_id=store.get_or_create_user(db, name="ann").id).id
         db.execute(Message.__table__.insert(), [
             {"id": new_id(), "session_id": sid, "turn_id": f"t{i // 2}", "position": i, "role": ("user", "assistant")[i % 2],
-             "text": "x" * 100, "status": "completed", "attachment_ids": ["a"] if i == 0 else []} for i in range(200)
+             "text": ("what colour is it?" if i % 8 == 0 else "x" * 100) if i % 2 == 0 else "y" * 100, "status": "completed",
+             "skill": ("vqa" if i % 8 == 1 else "caption") if i % 2 else None, "attachment_ids": ["a"]} for i in range(600)
         ])  # fmt: skip
     statements: list[tuple[str, tuple]] = []
     engine = sessions.kw["bind"]
     sa_event.listen(engine, "before_cursor_execute", lambda conn, cur, sql, params, *a: statements.append((sql, params)))
     with sessions() as db:
-        rows = state_context.context(db, session_id=sid, chars=1000)
-        # the first turn, then the newest 7 messages: 6 after the oldest of them, 164 each, measure under 1,000
-        assert [(r.position, bool(r.recent)) for r in rows] == [(0, False), (1, False)] + [(p_, True) for p_ in range(193, 200)]
-        [(sql, params)] = [(s, p_) for s, p_ in statements if "attachment_ids != '[]'" in s]
-        plan = " | ".join(str(row[-1]) for row in db.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
-    assert "INDEX ix_messages_attached" in plan, plan
+        rows = state_context.context(db, session_id=sid, chars=1000, asked=asked)
+        # the newest 7 messages (6 after the oldest of them, 164 characters each, measure under 1,000),
+        # from a reply; before them the newest VQA turn, and the user message of the newest turn naming one
+        older = [(584, False), (585, False), (592, False)]
+        assert [(r.position, bool(r.recent)) for r in rows] == older + [(p_, True) for p_ in range(593, 600)]
+        plans = {}
+        for sql, params in list(statements):
+            if sql.lstrip().startswith(("SELECT", "WITH")) and " messages" in sql:
+                plan = " | ".join(str(r[-1]) for r in db.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+                plans[plan] = sql
+    uses = " || ".join(plans)
+    for index in ("ix_messages_attached (session_id=? AND position<?)", "ix_messages_vqa (session_id=? AND position<?)",
+                  "ix_messages_session_position (session_id=? AND position=?)"):  # fmt: skip
+        assert f"INDEX {index}" in uses, uses
+    assert "SCAN messages" not in uses, uses
+
+
+def test_images_are_numbered_in_the_order_user_messages_first_named_them(sessions) -> None:  # noqa: ANN001
+    """``store.add_turns`` records where each attachment was first named; the registry (``image 1``,
+    ``image 2``, ...) built from that is what reading every user message in order gives, before any
+    position, with the whole history or a window of it: images named twice, two in one turn, one
+    named first by a reply (the router's choice, not a number), one uploaded and never named."""
+    from assistant.image_context import image_context
+    from state.attachments import add_attachment, attachment_refs
+
+    rng = random.Random(3)
+    with sessions.begin() as db:
+        user = store.get_or_create_user(db, name="ann").id
+        sid = store.create_session(db, user_id=user).id
+        pool = [add_attachment(db, user_id=user, session_id=sid, sha256=f"{k:064x}", kind="image", mime_type="image/png",
+                               size_bytes=1, meta={}).id for k in range(12)]  # fmt: skip
+        turns = []
+        for k in range(150):
+            ids = rng.sample(pool[:11], rng.choice([0, 0, 1, 1, 2])) if k else []
+            turns.append(store.NewTurn(sid, new_id(), "x" * rng.choice([5, 300]), ids + ids[:1] * (k % 7 == 0), "received", None))
+        for batch in (turns[:1], turns[1:60], turns[60:]):  # one admission each: several turns of one session
+            store.add_turns(db, turns=batch, titles={sid: "New chat"})
+        db.execute(Message.__table__.update().where(Message.position == 201).values(attachment_ids=[pool[11]]))
+    with sessions() as db:
+        everything = store.history(db, session_id=sid)
+        refs = attachment_refs(db, session_ids=[sid])[sid]
+        assert refs[pool[11]].first_position is None  # a reply named it: no number
+        for before in (1, 2, 41, 120, 299, 300):
+            plain: list[str] = []
+            for m in everything:
+                if m.role == "user" and m.position < before:
+                    plain += [i for i in m.attachment_ids if i not in plain]
+            for chars in (None, 500):
+                msgs = state_context.context(db, session_id=sid, chars=chars, before=before)
+                images = image_context(refs, messages=msgs, before=before)
+                assert images.image_ids == tuple(plain), (before, chars)
+                for m in msgs:
+                    if m.recent and m.role == "user" and m.attachment_ids:
+                        want = "".join(f"[image {plain.index(i) + 1}] " for i in m.attachment_ids)
+                        assert images.labels[m.turn_id] == want
+        assert sorted(plain) == sorted(pool[:11])  # by position 300, every image but the reply's
 
 
 class _Recorder(ModelFreeSkill):
@@ -141,13 +211,17 @@ def _conversation(tmp: Path, history_chars: int) -> tuple[list[tuple], list[str]
         sid = dm.create_session(user_id=ann, title=None, sub=None, event_id=None)
         with factory.begin() as db:
             ids = []
-            for name in ("cat", "dog"):
+            for name in ("cat", "dog", "bird", "fish", "frog"):
                 blobs.write(f"{name:0<64}", name.encode())
                 ids.append(add_attachment(db, user_id=ann, session_id=sid, sha256=f"{name:0<64}", kind="image",
                                           mime_type="image/png", size_bytes=3, meta={}).id)  # fmt: skip
         turns = [("", [ids[0]]), ("how many legs does it have?", [ids[1]])]
         turns += [(f"tell me more about topic {k}, in detail", []) for k in range(12)]
         turns += [("and in the first photo?", []), ("describe image 2", []), ("what colour is it?", [])]
+        # three more photos, captioned, then a long chat again: the last question is far back now
+        turns += [("", [ids[2]]), ("", [ids[3]]), ("", [ids[4]])]
+        turns += [(f"tell me more about topic {k}, in detail", []) for k in range(12, 24)]
+        turns += [("and in image 4?", []), ("describe it", [])]
         for text_, attached in turns:
             await dm.submit_turn(user_id=ann, event=p.TurnCreate(session_id=sid, text=text_, attachment_ids=attached), sub=None)
             while dm._runners:
@@ -168,14 +242,19 @@ def _conversation(tmp: Path, history_chars: int) -> tuple[list[tuple], list[str]
 def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_gets_its_newest_part(tmp_path: Path) -> None:
     whole, whole_status = _conversation(tmp_path / "whole", history_chars=0)
     window, window_status = _conversation(tmp_path / "window", history_chars=800)
-    assert whole_status == window_status and set(whole_status) == {"completed"} and len(whole_status) == 38
+    assert whole_status == window_status and set(whole_status) == {"completed"} and len(whole_status) == 72
     # Every turn goes to the same skill, about the same image, with the same text: image numbers, the
     # image in focus and the last question asked about one come from turns long out of the window.
     assert [s[:3] for s in window] == [s[:3] for s in whole]
-    assert [s[:3] for s in whole[-5:-2]] == [
+    assert [s[:3] for s in whole[14:17]] == [
         ("vqa", "how many legs does it have?", "cat"),  # "and in the first photo?": the earlier question
         ("caption", "describe image 2", "dog"),
         ("vqa", "what colour is it?", "dog"),
+    ]
+    assert [s[:3] for s in whole[17:20]] == [("caption", "", "bird"), ("caption", "", "fish"), ("caption", "", "frog")]
+    assert [s[:3] for s in whole[-4:-2]] == [
+        ("vqa", "what colour is it?", "fish"),  # "and in image 4?": the question 17 turns back
+        ("caption", "describe it", "fish"),
     ]
     for (name, _, _, got), (_, _, _, everything) in zip(window, whole):
         # The newest messages while the later ones measure under 800 characters, starting with a user's.

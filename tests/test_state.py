@@ -43,16 +43,59 @@ def test_upgrade_is_idempotent_and_sqlite_uses_wal(engine) -> None:  # noqa: ANN
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
-def test_the_upgrade_removes_the_deltas_an_older_server_logged(tmp_path: Path) -> None:
-    """Before 0006 every streamed delta was logged; a resume never read them once their reply had
-    ended. The upgrade deletes them and keeps every other event."""
+def _engine_at(path: Path, revision: str):  # noqa: ANN202
+    """A database file migrated up to ``revision`` only: what an older server left."""
     from alembic import command
 
-    eng = state_db.make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    eng = state_db.make_engine(f"sqlite:///{path}")
     cfg = state_db.alembic_config(eng.url.render_as_string(hide_password=False))
     with eng.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0005")
+        command.upgrade(cfg, revision)
+    return eng
+
+
+def test_the_upgrade_numbers_the_images_an_older_server_stored(tmp_path: Path) -> None:
+    """Before 0007 image numbers were worked out from every user message at each turn; the upgrade
+    writes where each attachment was first named by a user message (a reply's choice does not count),
+    and a server that stores more turns then carries on from there."""
+    from state.attachments import attachment_refs
+    from state.models import Message, new_id
+
+    eng = _engine_at(tmp_path / "old.db", "0006")
+    factory = state_db.make_session_factory(eng)
+    with factory.begin() as db:
+        user = store.get_or_create_user(db, name="old").id
+        sid = store.create_session(db, user_id=user, title=None).id
+        for a in "abcde":  # the attachments table as 0006 had it (the model has the new columns)
+            db.execute(text("INSERT INTO attachments (id, user_id, session_id, sha256, kind, mime_type, size_bytes, meta, "
+                            "created_at) VALUES (:a, :u, :s, :a, 'image', 'image/png', 1, '{}', '2026-01-01')"),
+                       {"a": a, "u": user, "s": sid})  # fmt: skip
+        named = {0: ["b"], 4: ["d", "a", "d"], 6: ["b", "e"], 9: ["c"]}  # c: only in a reply
+        db.execute(Message.__table__.insert(), [
+            {"id": new_id(), "session_id": sid, "turn_id": f"t{pos // 2}", "position": pos, "text": "", "status": "completed",
+             "role": ("user", "assistant")[pos % 2], "attachment_ids": named.get(pos, [])} for pos in range(10)
+        ])  # fmt: skip
+    state_db.upgrade(eng)
+    with factory.begin() as db:
+        refs = attachment_refs(db, session_ids=[sid])[sid]
+        assert {a: (r.first_position, r.first_index) for a, r in refs.items()} == {
+            "a": (4, 1), "b": (0, 0), "c": (None, None), "d": (4, 0), "e": (6, 1)
+        }
+        turn = store.NewTurn(sid, "t5", "and these?", ["e", "c"], "received", None)
+        store.add_turns(db, turns=[turn], titles={sid: "New chat"})
+        refs = attachment_refs(db, session_ids=[sid])[sid]
+        assert (refs["c"].first_position, refs["c"].first_index, refs["e"].first_position) == (10, 1, 6)
+        assert db.query(Message).count() == 12
+    with eng.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    eng.dispose()
+
+
+def test_the_upgrade_removes_the_deltas_an_older_server_logged(tmp_path: Path) -> None:
+    """Before 0006 every streamed delta was logged; a resume never read them once their reply had
+    ended. The upgrade deletes them and keeps every other event."""
+    eng = _engine_at(tmp_path / "old.db", "0005")
     factory = state_db.make_session_factory(eng)
     with factory.begin() as db:
         sid = store.create_session(db, user_id=store.get_or_create_user(db, name="old").id, title=None).id
