@@ -111,14 +111,14 @@ class ContextRow(NamedTuple):
 _FIELDS = len(ContextRow._fields)
 
 
+Asked = Callable[[str], bool]  # whether a user message's text asked a question of its own
+
+
 def context(
     db: Session, *, session_id: str, chars: int | None = None, before: int | None = None, asked: Asked | None = None
 ) -> list[ContextRow]:
     """``contexts`` of one session."""
     return contexts(db, session_ids=[session_id], chars=chars, before=before, asked=asked).get(session_id, [])
-
-
-Asked = Callable[[str], bool]  # whether a user message's text asked a question of its own
 
 
 def contexts(
