@@ -44,11 +44,16 @@ def mentions_attachments(messages: Sequence[ContextRow]) -> bool:
     return any(m.attachment_ids for m in messages)
 
 
-def asked(text: str) -> bool:
-    """Whether a user message asked a question of its own (not a bare /command, not a follow-up that
-    repeats the last one): what ``last_question`` is taken from."""
+def own_question(text: str) -> str | None:
+    """The question a user message asked of its own (not a bare /command, not a follow-up that
+    repeats the last one), or None: what ``last_question`` is taken from."""
     _, question = split_command(text)
-    return bool(question.strip()) and not is_follow_up(question)
+    return question.strip() if question.strip() and not is_follow_up(question) else None
+
+
+def asked(text: str) -> bool:
+    """Whether ``own_question`` finds one (``state.context`` reads older VQA turns back to one)."""
+    return own_question(text) is not None
 
 
 def image_context(
@@ -80,8 +85,8 @@ def image_context(
             about.setdefault(m.turn_id, ids)
         if ids:
             focus = ids[-1]
-        if m.role == "assistant" and m.skill == "vqa" and m.status == "completed" and asked(user_text.get(m.turn_id, "")):
-            last_question = split_command(user_text[m.turn_id])[1].strip()
+        if m.role == "assistant" and m.skill == "vqa" and m.status == "completed":
+            last_question = own_question(user_text.get(m.turn_id, "")) or last_question
     labels = {turn_id: "".join(f"[image {number[i]}] " for i in ids if i in number) for turn_id, ids in about.items()}
     return ImageContext(tuple(registry), focus, last_question, labels)
 

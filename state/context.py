@@ -172,7 +172,7 @@ def _older(conn: Any, firsts: dict[str, int], asked: Asked | None) -> dict[str, 
         if answered is not None:
             turn = _turn(found, sid, answered)
             rows.update(turn)
-            if asked is not None and not any(r.role == "user" and asked(r.text) for r in turn.values()):
+            if asked is not None and not _asks(turn, asked):
                 rows.update(_asked_before(conn, sid, answered, asked))
         out[sid] = [rows[k] for k in sorted(rows) if k < firsts[sid]]  # a window may start at a turn's reply
     return out
@@ -187,10 +187,14 @@ def _asked_before(conn: Any, sid: str, bound: int, asked: Asked) -> dict[int, Co
         for p in page:
             turn = _turn(found, sid, p)
             rows.update(turn)
-            if any(r.role == "user" and asked(r.text) for r in turn.values()):
+            if _asks(turn, asked):
                 return rows
         bound = page[-1]
     return rows
+
+
+def _asks(turn: dict[int, ContextRow], asked: Asked) -> bool:
+    return any(r.role == "user" and asked(r.text) for r in turn.values())
 
 
 def _rows_at(conn: Any, keys: list[tuple[str, int]]) -> dict[tuple[str, int], ContextRow]:
