@@ -54,10 +54,32 @@ class Metrics:
         by the watch itself: observing a metric inside a collection could deadlock on its lock)."""
         self.registry.register(_GcPauses(watch))
 
+    def watch_chat_prompt_tokens(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export the chat model's prompt tokens (``ChatSkill.prompt_tokens``: computed, and read
+        from a slot that held the conversation's earlier turn), read at each scrape."""
+        self.registry.register(_PromptTokens(counts))
+
     def watch_media_holds(self, held: Callable[[], tuple[int, float]]) -> None:
         """Export what chat first cost speech and vision (``ChatFirst.held``: their steps that waited
         for chat prefill, and the seconds they waited), read at each scrape."""
         self.registry.register(_MediaHolds(held))
+
+
+class _PromptTokens(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "assistant_chat_prompt_tokens",
+            "Chat prompt tokens, by source: computed, or reused (keys and values a slot already held: the"
+            " conversation's previous turn, or a start it shares with another conversation, copied)",
+            labels=["source"],
+        )
+        computed, reused = self._counts()
+        family.add_metric(["computed"], computed)
+        family.add_metric(["reused"], reused)
+        yield family
 
 
 class _MediaHolds(Collector):

@@ -92,6 +92,9 @@ def create_app(settings: Settings, *, skills: dict[str, Skill] | None = None) ->
     first = getattr(skill_map.get("chat"), "chat_first", None)  # chat first on a shared GPU (skills/chat_first.py)
     if first is not None:
         metrics.watch_media_holds(first.held)
+    prompt_tokens = getattr(skill_map.get("chat"), "prompt_tokens", None)
+    if prompt_tokens is not None:
+        metrics.watch_chat_prompt_tokens(prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

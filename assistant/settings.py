@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # a third of the kernels per step (skills/fused_decoder.py); off runs the model's own decoder.
     # Either way the load check compares it with the model's own forward and falls back.
     chat_fused_forward: bool = True
+    # Slot engine: a conversation's next turn goes to the slot that still holds its previous turn's
+    # keys and values, and only its new tokens are computed (skills/prefix_cache.py); off computes
+    # every prompt whole.
+    chat_prefix_reuse: bool = True
     # Where the chat model runs: "process" (a child process: the batching loop never holds the web
     # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
     chat_worker: Literal["auto", "thread", "process"] = "auto"

@@ -26,6 +26,12 @@ SHAPES: dict[str, dict[str, int | float | bool]] = {
         vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
     ),
+    # A CPU stand-in where a prompt's compute shows: about 11 M parameters, Qwen2.5-0.5B's head
+    # width and its 7:1 query to key-value heads ratio.
+    "small": dict(
+        vocab_size=4096, hidden_size=448, intermediate_size=1216, num_hidden_layers=6,
+        num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=4096,
+    ),
     "qwen2.5-0.5b": dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,

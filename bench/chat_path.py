@@ -47,7 +47,7 @@ async def one_round(worker, streams: int, steps: int, seed: int, per_message: in
 
     tasks = [asyncio.create_task(consume(r)) for r in runs]
     await asyncio.sleep(0)
-    stats = {"steps": 0, "max_concurrent": streams, "kv_free": 1.0, "active": []}
+    stats = {"steps": 0, "max_concurrent": streams, "kv_free": 1.0, "prompt_tokens": (0, 0), "active": []}
     started = time.process_time()
     for step in range(0, steps, per_message):
         done = step + per_message >= steps

@@ -13,6 +13,8 @@
 #          -> OUT/mixed_gpu.json, mixed_chat_first_off_gpu.json
 # speech:  bench/speech_rtf.py, Whisper-base shape, 1 and 16 streams against transcribe, in English, then
 #          detecting the language (the server's default)              -> OUT/speech_rtf_gpu.json, speech_rtf_detect_gpu.json
+# followups: bench/followups.py, 8-turn conversations (1 and 64 at once), prefix reuse on and off
+#          (a line per session count: TTFT of the last turn, prompt tokens computed)   -> OUT/followups_gpu.json
 # framecap: bench/frame_cap.py, 256 model-free paced streams, no cap and 4000 frames/s (the web process
 #          on this machine's CPU; no GPU work)                                   -> OUT/frame_cap_gpu_host.json
 set -uo pipefail
@@ -49,9 +51,12 @@ for stage in $STAGES; do
               | tail -40 || rc=1
             timeout 240 python3 bench/speech_rtf.py --dims base --streams 16 --device cuda --language "" \
               --out "$OUT_DIR/speech_rtf_detect_gpu.json" | grep -A3 '"single_stream"' || rc=1 ;;
+    followups) timeout 300 python3 bench/followups.py --shape qwen2.5-0.5b --device cuda --sessions 1 64 --rounds 1 \
+                 --max-new 128 --out "$OUT_DIR/followups_gpu.json" | python3 -c "import json, sys
+for r in json.load(sys.stdin)['results']: print({k: v for k, v in r.items() if k != 'runs'})" || rc=1 ;;
     framecap) timeout 120 python3 bench/frame_cap.py --sessions 256 --caps 0 4000 --out "$OUT_DIR/frame_cap_gpu_host.json" \
                 2>&1 | grep "  cap" || rc=1 ;;
-    *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, speech, framecap)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, speech, followups, framecap)"; exit 2 ;;
   esac
 done
 exit $rc

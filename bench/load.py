@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import multiprocessing
 import time
@@ -26,6 +27,9 @@ PROMPT = (
     "Monday standup ran long; the release checklist is missing the database backup step; Ana owns the "
     "billing page; Tom is out Thursday; the design review moved to Friday afternoon."
 )
+
+
+_NUMBERS = itertools.count(1)
 
 
 @dataclass
@@ -116,7 +120,9 @@ async def chat_load(url: str, token: str, sessions: int, *, cap_s: float = 600.0
     2-core CPU, inside a burst, where it would count as the server's latency."""
     ready: asyncio.Queue = asyncio.Queue()
     go = asyncio.Event()
-    tasks = [asyncio.create_task(_client(url, token, text, ready, go, cap_s)) for _ in range(sessions)]
+    # Each message is its own from its first word (a number never sent before), as different people's
+    # are: the same text in every new session would let a burst reuse the slots of the one before.
+    tasks = [asyncio.create_task(_client(url, token, f"{next(_NUMBERS)}. {text}", ready, go, cap_s)) for _ in range(sessions)]
     for _ in range(sessions):
         await ready.get()
     collecting = gc.isenabled()

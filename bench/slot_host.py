@@ -54,10 +54,14 @@ class IdleEngine:
         self.contexts = doubling_buckets(MIN_CONTEXT_BUCKET, max_len)
         self.prompt_lengths = doubling_buckets(MIN_PROMPT_BUCKET, max_len)
         self.prefill_sizes = [p for p in PREFILL_BATCH if p <= slots]
+        self.extend_sizes = self.prefill_sizes
         self.steps = 0
         self._free_at = 0.0  # the device runs one step at a time, in launch order
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> list[int]:
+        return [7] * len(prompts)
+
+    def extend(self, rows: list[int], prompts: list[list[int]], starts: list[int]) -> list[int]:
         return [7] * len(prompts)
 
     def launch(self, batch: int, context: int) -> _Step:
@@ -69,7 +73,10 @@ class IdleEngine:
     def patch(self, rows: dict) -> None:
         pass
 
-    def move(self, moves: dict) -> None:
+    def move(self, moves: dict, columns: int | None = None) -> None:
+        pass
+
+    def copy(self, sources: dict, columns: int) -> None:
         pass
 
     def reset(self) -> None:
@@ -96,6 +103,9 @@ class _Worker:
 
     def active_request_ids(self) -> set[str]:
         return self._manager.active_request_ids()
+
+    def prompt_tokens(self) -> tuple[int, int]:
+        return (0, 0)
 
 
 def one_run(requests: int, new_tokens: int, gpu_s: float) -> dict:

@@ -253,6 +253,11 @@ class ChatSkill(ModelSkill):
                 except ModelLoadError as exc:
                     raise SkillError("skill_unavailable", f"the chat model could not be restarted: {exc}") from exc
 
+    def prompt_tokens(self) -> tuple[int, int]:
+        """Prompt tokens computed, and read from a slot's earlier turn instead (the slot engine's
+        prefix reuse, skills/prefix_cache.py)."""
+        return self.worker.prompt_tokens()
+
     @property
     def chat_first(self) -> ChatFirst | None:
         """The flag that holds speech and vision steps for this model's prefill, where chat first is on."""

@@ -48,6 +48,7 @@ class ChatProcessWorker:
         self.frozen_objects = 0  # objects the child froze once loaded (skills/gc_pauses.py)
         self._max_concurrent = 0
         self._kv_free = 1.0
+        self._prompt_tokens = (0, 0)
         self._active: set[str] = set()
         self._handlers: dict[str, tuple[Callable, list[int]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,6 +109,10 @@ class ChatProcessWorker:
     def kv_free_fraction(self) -> float:
         return self._kv_free
 
+    def prompt_tokens(self) -> tuple[int, int]:
+        """``ChatWorker.prompt_tokens`` of the model's process, as of its last message."""
+        return self._prompt_tokens
+
     def active_request_ids(self) -> set[str]:
         return set(self._active)
 
@@ -152,6 +157,7 @@ class ChatProcessWorker:
         self.steps = stats["steps"]
         self._max_concurrent = stats["max_concurrent"]
         self._kv_free = stats["kv_free"]
+        self._prompt_tokens = stats["prompt_tokens"]
         self._active = set(stats["active"]) | {rid for rid in self._active if rid in self._handlers}
 
     def _dispatch(self, msg: tuple) -> None:
@@ -262,6 +268,7 @@ def _pump(
             "steps": worker.steps,
             "max_concurrent": worker.max_concurrent_requests,
             "kv_free": worker.kv_free_fraction(),
+            "prompt_tokens": worker.prompt_tokens(),
             "active": sorted(worker.active_request_ids()),
         }
         try:

@@ -56,6 +56,7 @@ class ChatWorkerOptions:
     slots: int | None = None  # slot engine: requests decoded at once (None: 16 on CPU, up to 256 on GPU)
     context_tokens: int = 2048  # slot engine: prompt budget; a slot holds this plus max_new_tokens
     fused_forward: bool = True  # slot engine: Llama/Qwen2 layers in fewer kernels (skills/fused_decoder.py)
+    prefix_reuse: bool = True  # slot engine: a conversation's next turn computes only its new tokens (skills/prefix_cache.py)
     # Chat first on a shared GPU (skills/chat_first.py); handed to the model's process when spawned.
     chat_first: Any = field(default=None, compare=False, repr=False)
 
@@ -181,8 +182,9 @@ class ChatWorker:
             return None
         first = opts.chat_first
         scheduler = SlotScheduler(
-            engine, max_prefill_tokens=prefill_budget, on_step=self._count_step, on_waiting=first.set if first else None
-        )
+            engine, max_prefill_tokens=prefill_budget, on_step=self._count_step, on_waiting=first.set if first else None,
+            prefix_reuse=opts.prefix_reuse,
+        )  # fmt: skip
         scheduler.start()
         self.engine = "slots"
         return scheduler
@@ -275,6 +277,12 @@ class ChatWorker:
     def active_request_ids(self) -> set[str]:
         """Requests the scheduler still holds (running or waiting)."""
         return set() if self._manager is None else self._manager.active_request_ids()
+
+    def prompt_tokens(self) -> tuple[int, int]:
+        """Prompt tokens the slot engine computed, and those it read from a slot's earlier turn
+        instead (skills/prefix_cache.py); (0, 0) with the library's engine."""
+        engine = getattr(self._manager, "engine", None) if self.engine == "slots" else None
+        return (0, 0) if engine is None else (engine.prompt_tokens[0], engine.prompt_tokens[1])
 
 
 class LibraryManager:

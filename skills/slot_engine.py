@@ -17,6 +17,10 @@ through the model's own decoder (``model.get_decoder()``, unchanged):
   a length bucket; their keys and values are written into their slots and attention runs over the
   prompt alone (causal). Padding writes to the spare column. A burst of 64 turns of ~120 tokens is
   one prefill step, not eight groups each followed by a decode step.
+- extend: the same for prompts whose first tokens' keys and values their slots already hold (the
+  conversation's previous turn, ``skills/prefix_cache.py``): only the rest is computed, at its own
+  positions, and attention reads the slot's rows ``[:, :L]`` (L = a context bucket) under the
+  decode step's mask, gathered for the group's slots.
 
 Sampling (greedy, or temperature with top-p through the Gumbel-max trick) runs inside the graph,
 so a step moves a few integers each way. ``check`` compares the engine with the model's own forward
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BATCH = (1, 2, 4, 8, 16, 32, 64)  # prompts prefilled together (within the token budget)
+EXTEND_BATCH = (1, 4, 16)  # prompts extended together, then PREFILL_BATCH's largest (fewer graphs: a context each)
+EXTEND_WARM_LENGTH = 256  # extend steps of up to this many new tokens are captured at load; longer ones when first run
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
 CHECK_AGREEMENT = 0.75  # share of the probe's tokens graph replay must predict as eager steps did
@@ -91,12 +97,16 @@ class SlotCache:
         self._cols: Any = None
         self._read: int | None = None  # decode: attend over [:B, :, :L]; prefill (None): the new keys only
         self._batch = 0
+        self._gather: Any = None  # extend: the slots whose [:L] columns attention reads
 
     def set_decode(self, rows: Any, cols: Any, context: int) -> None:
-        self._rows, self._cols, self._read, self._batch = rows, cols, context, rows.shape[0]
+        self._rows, self._cols, self._read, self._batch, self._gather = rows, cols, context, rows.shape[0], None
 
     def set_prefill(self, rows: Any, cols: Any) -> None:
-        self._rows, self._cols, self._read = rows, cols, None
+        self._rows, self._cols, self._read, self._gather = rows, cols, None, None
+
+    def set_extend(self, rows: Any, cols: Any, context: int) -> None:
+        self._rows, self._cols, self._read, self._gather = rows, cols, context, rows[:, 0]
 
     def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
@@ -105,6 +115,9 @@ class SlotCache:
         v_cache[self._rows, :, self._cols] = value.transpose(1, 2)
         if self._read is None:
             return key, value
+        if self._gather is not None:
+            rows, read = self._gather, self._read
+            return k_cache[:, :, :read].index_select(0, rows), v_cache[:, :, :read].index_select(0, rows)
         return k_cache[: self._batch, :, : self._read], v_cache[: self._batch, :, : self._read]
 
     def get_seq_length(self, *args: Any, **kwargs: Any) -> int:  # only asked when positions are not given
@@ -169,8 +182,10 @@ class SlotEngine:
         self._d_rows = torch.arange(slots, dtype=i64, device=dev)[:, None]
         self._d_idle = self._idle_state(1).to(dev)  # one idle slot's state column
         pmax, tmax = self.prefill_sizes[-1], self.prompt_lengths[-1]
-        # Prefill: [batch, 2 + 2 * length]: slot, last prompt index, tokens, cache columns.
-        self._p_in = torch.zeros(pmax, 2 + 2 * tmax, dtype=i64, device=dev)
+        self.extend_sizes = [b for b in EXTEND_BATCH if b < pmax] + [pmax]
+        # Prefill: [batch, 3 + 2 * length]: slot, last new token's index, first new token's
+        # position (extend), tokens, cache columns.
+        self._p_in = torch.zeros(pmax, 3 + 2 * tmax, dtype=i64, device=dev)
         self._p_pos = torch.arange(tmax, dtype=i64, device=dev)[None, :].expand(pmax, tmax)
         self.reset()
         # One graph per (kind, batch, length) bucket; a decode step advances the state it reads.
@@ -179,6 +194,7 @@ class SlotEngine:
         self._probe_logits: list[Any] | None = None
         self.steps = 0
         self.moves = 0  # requests moved to a lower slot (observability)
+        self.prompt_tokens = [0, 0]  # prompt tokens computed, and read from a slot's earlier turn (observability)
         self.widths: deque[int] = deque(maxlen=4096)  # rows of the recent decode steps (observability)
 
     # ------------------------------------------------------------------ the forward passes
@@ -210,14 +226,22 @@ class SlotEngine:
         self._d_cols[:batch].copy_(self._d_pos[:batch])
         return tokens
 
-    def _prefill_fn(self, batch: int, length: int) -> Any:
+    def _prefill_fn(self, batch: int, length: int, context: int | None = None) -> Any:
+        """Prefill (``context`` None: attention over the new tokens alone), or extend: the new
+        tokens sit at positions from each row's start, and attention reads the slot's first
+        ``context`` columns, as a decode step does."""
         torch = self.torch
-        packed = self._p_in[:batch, : 2 + 2 * length]
-        rows, last, ids, cols = packed[:, :1], packed[:, 1], packed[:, 2 : 2 + length], packed[:, 2 + length :]
+        packed = self._p_in[:batch, : 3 + 2 * length]
+        rows, last, ids, cols = packed[:, :1], packed[:, 1], packed[:, 3 : 3 + length], packed[:, 3 + length :]
         pos = self._p_pos[:batch, :length]
-        self.cache.set_prefill(rows, cols)
-        t = torch.arange(length, device=self.device)
-        mask = (t[None, :] <= t[:, None])[None, None].expand(batch, 1, length, length)
+        if context is None:
+            self.cache.set_prefill(rows, cols)
+            t = torch.arange(length, device=self.device)
+            mask = (t[None, :] <= t[:, None])[None, None].expand(batch, 1, length, length)
+        else:
+            pos = (pos + packed[:, 2:3]).clamp(max=self.spare)  # padding past the end: a position the table has
+            self.cache.set_extend(rows, cols, context)
+            mask = torch.arange(context, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
         last = self._forward(ids, pos, mask)[torch.arange(batch, device=self.device), last]
         return self._sample(self.head(last))
 
@@ -236,19 +260,35 @@ class SlotEngine:
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> list[int]:
         """Fill slots ``rows`` with ``prompts``' keys and values; return each prompt's first new token."""
-        torch, n = self.torch, len(prompts)
-        batch = bucket(n, self.prefill_sizes)
+        batch = bucket(len(prompts), self.prefill_sizes)
         length = bucket(max(len(p) for p in prompts), self.prompt_lengths)
-        host = [[0, 0] + [0] * length + [self.spare] * length for _ in range(batch)]  # idle rows: spare column
-        for i, (row, prompt) in enumerate(zip(rows, prompts)):
-            size = len(prompt)
-            host[i][:2] = row, size - 1
-            host[i][2 : 2 + size] = prompt
-            host[i][2 + length : 2 + length + size] = range(size)
-        self._p_in[:batch, : 2 + 2 * length].copy_(torch.tensor(host, dtype=torch.long))
-        tokens = self._run(("prefill", batch, length), lambda: self._prefill_fn(batch, length))
+        self._pack(batch, length, rows, prompts, [0] * len(prompts))
+        return self._run(("prefill", batch, length), lambda: self._prefill_fn(batch, length))[: len(prompts)].tolist()
+
+    def extend(self, rows: list[int], prompts: list[list[int]], starts: list[int]) -> list[int]:
+        """``prefill`` for prompts whose first ``starts[i]`` tokens' keys and values slot
+        ``rows[i]`` already holds (0 < start < len(prompt)): only the rest is computed. Returns
+        each prompt's first new token."""
+        batch = bucket(len(prompts), self.extend_sizes)
+        length = bucket(max(len(p) - s for p, s in zip(prompts, starts)), self.prompt_lengths)
+        context = bucket(max(map(len, prompts)), self.contexts)
+        self._pack(batch, length, rows, prompts, starts)
+        tokens = self._run(("extend", batch, length, context), lambda: self._prefill_fn(batch, length, context))
+        return tokens[: len(prompts)].tolist()
+
+    def _pack(self, batch: int, length: int, rows: list[int], prompts: list[list[int]], starts: list[int]) -> None:
+        """The prefill input of ``batch`` rows of ``length`` new tokens; idle rows and padding
+        write to the spare column."""
+        host = [[0, 0, 0] + [0] * length + [self.spare] * length for _ in range(batch)]
+        for i, (row, prompt, start) in enumerate(zip(rows, prompts, starts)):
+            size = len(prompt) - start
+            host[i][:3] = row, size - 1, start
+            host[i][3 : 3 + size] = prompt[start:]
+            host[i][3 + length : 3 + length + size] = range(start, len(prompt))
+        self._p_in[:batch, : 3 + 2 * length].copy_(self.torch.tensor(host, dtype=self.torch.long))
         self.steps += 1
-        return tokens[:n].tolist()
+        self.prompt_tokens[0] += sum(len(p) - s for p, s in zip(prompts, starts))
+        self.prompt_tokens[1] += sum(starts)
 
     def reset(self) -> None:
         """Every slot idle."""
@@ -272,19 +312,35 @@ class SlotEngine:
         packed = self._queued_copy(host)
         self._d_in[:, packed[0]] = packed[1:]
 
-    def move(self, moves: dict[int, int]) -> None:
+    def move(self, moves: dict[int, int], columns: int | None = None) -> None:
         """Move running requests to other slots (source -> idle destination): their keys, values and
         decode state. Queued behind the step in flight, so the move carries what that step wrote;
-        the sources become idle."""
+        the sources become idle. The rows are swapped, so what a destination held (an earlier
+        turn, ``skills/prefix_cache.py``) is kept in its source; only the first ``columns`` of
+        each (all: None)."""
         if not moves:
             return
         torch = self.torch
         src, dst = self._queued_copy(torch.tensor([list(moves), list(moves.values())], dtype=torch.long))
+        to, of = torch.cat([dst, src]), torch.cat([src, dst])
         for cache in (*self.cache.keys, *self.cache.values):
-            cache.index_copy_(0, dst, cache.index_select(0, src))
+            rows = cache[:, :, :columns]
+            rows.index_copy_(0, to, rows.index_select(0, of))
         self._d_in[:, dst] = self._d_in[:, src]
         self._d_in[:, src] = self._d_idle.expand(4, len(moves))
         self.moves += len(moves)
+
+    def copy(self, sources: dict[int, int], columns: int) -> None:
+        """Copy the first ``columns`` of each source slot's keys and values into its destination
+        (destination -> source, both idle): a prefix another conversation shares (a long system
+        prompt), extended from there. Queued in order with the steps."""
+        if not sources:
+            return
+        torch = self.torch
+        dst, src = self._queued_copy(torch.tensor([list(sources), list(sources.values())], dtype=torch.long))
+        for cache in (*self.cache.keys, *self.cache.values):
+            rows = cache[:, :, :columns]
+            rows.index_copy_(0, dst, rows.index_select(0, src))
 
     def _queued_copy(self, host: Any) -> Any:
         """``host`` on the device; on a GPU pinned and non-blocking, so it queues behind the step in
@@ -322,18 +378,30 @@ class SlotEngine:
         for each (batch, context) bucket and a prefill for each (batch, prompt length) bucket it
         admits (one prompt of any length; groups within ``max_prefill_tokens`` padded). A capture
         while serving stalls every running reply for a few eager steps; at load it costs start-up
-        time instead. Returns how many graphs were captured."""
+        time instead. Extend steps are captured for each context and batch bucket up to
+        ``EXTEND_WARM_LENGTH`` new tokens (a new message and the reply's last tokens); a longer
+        one is captured when first run. Returns how many graphs were captured."""
         if not self.graphs.on:
             return 0
         started, before = time.perf_counter(), len(self.graphs.keys())
         for context in self.contexts:
             for batch in self.batch_sizes:
                 self.decode({batch - 1: (0, context - 1)})
+
+        def admitted(batch: int, length: int) -> bool:
+            return batch == 1 or max_prefill_tokens is None or batch * length <= max_prefill_tokens
+
         for batch in self.prefill_sizes:
             for length in self.prompt_lengths:
-                if batch == 1 or max_prefill_tokens is None or batch * length <= max_prefill_tokens:
+                if admitted(batch, length):
                     self.prefill(list(range(batch)), [[0] * length] * batch)
+        for context in self.contexts:
+            for batch in self.extend_sizes:
+                for length in self.prompt_lengths:
+                    if admitted(batch, length) and length <= min(EXTEND_WARM_LENGTH, context):
+                        self.extend(list(range(batch)), [[0] * context] * batch, [context - length] * batch)
         self.reset()
+        self.prompt_tokens = [0, 0]
         captured = len(self.graphs.keys()) - before
         log.info("captured %d chat step graphs in %.1f s", captured, time.perf_counter() - started)
         return captured
@@ -360,8 +428,9 @@ class SlotEngine:
     def _check(self, probe: list[int]) -> str | None:
         """One check of the forward in use.
 
-        ``probe`` goes through the engine eagerly (half prefilled, the rest decoded token by token)
-        and through the model's own forward: every next-token logit must agree within the dtype's
+        ``probe`` goes through the engine eagerly (a quarter prefilled, extended to half, the rest
+        decoded token by token) and through the model's own forward: each next-token logit the
+        engine computes (the last of the prefill and of the extend, then every decode step's) must agree within the dtype's
         rounding (compared as numbers, not argmaxes: a random-weight model's near-ties flip with
         the kernels). On a GPU the probe then runs through the captured graphs, which must predict
         what the eager steps predicted, else graphs are turned off; they are dropped either way and
@@ -371,13 +440,17 @@ class SlotEngine:
         if why:
             return why
         split = max(1, len(probe) // 2)
+        first = max(1, split // 2)  # prefilled; then extended to split, when that is further
+        computed = ([first - 1] if first < split else []) + list(range(split - 1, len(probe)))
         with torch.inference_mode():
-            want = self.model(input_ids=torch.tensor([probe], device=self.device)).logits[0, split - 1 :].float()
+            want = self.model(input_ids=torch.tensor([probe], device=self.device)).logits[0, computed].float()
         saved, self.sampling = self.sampling, Sampling()
         graphs = self.graphs.on
 
         def run() -> list[int]:
-            got = [self.prefill([0], [probe[:split]])[0]]
+            got = [self.prefill([0], [probe[:first]])[0]]
+            if first < split:
+                got.append(self.extend([0], [probe[:split]], [first])[0])
             return got + [self.decode({0: (probe[pos], pos)})[0] for pos in range(split, len(probe))]
 
         try:
@@ -405,6 +478,7 @@ class SlotEngine:
             self.sampling = saved
             self.graphs.clear()
             self.reset()
+            self.prompt_tokens = [0, 0]
         return None
 
     def _unsupported(self) -> str | None:

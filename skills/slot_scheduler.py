@@ -2,7 +2,10 @@
 together, streams the new tokens out.
 
 One generation thread owns the engine. Each turn of its loop: apply the queued adds and cancels,
-prefill the oldest waiting prompts into free slots (as many as fit ``max_prefill_tokens`` padded),
+prefill the oldest waiting prompts into free slots (as many as fit ``max_prefill_tokens`` padded;
+a prompt that continues the conversation a free slot still holds goes into that slot, and only
+its new tokens are computed; a new one that starts as another slot does gets those rows copied:
+``skills/prefix_cache.py``),
 queue one decode step for every busy slot, then read the tokens of the step queued the turn before
 (one step in flight: on a GPU the host's work overlaps the next step; a request that finished or
 was cancelled meanwhile has one token computed for nothing, which is dropped). Outputs go to a handler registered from an event
@@ -22,9 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from skills.prefix_cache import BLOCK, PrefixIndex, chain
 from skills.slot_engine import bucket
 
 log = logging.getLogger(__name__)
+
+# A new conversation whose first tokens another free slot holds (a long system prompt, shared) gets
+# them copied from there when they are at least this many; shorter ones are computed.
+SHARE_MIN_TOKENS = 4 * BLOCK
 
 
 class StreamOutput:
@@ -60,6 +68,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
     pending: int = 0  # decode steps launched for it whose tokens are not read yet
+    hashes: list[int] | None = None  # its prompt's block hashes (skills/prefix_cache.py), once looked up
 
 
 class SlotScheduler:
@@ -70,9 +79,12 @@ class SlotScheduler:
         max_prefill_tokens: int,
         on_step: Callable[[int], None] | None = None,
         on_waiting: Callable[[bool], None] | None = None,
+        prefix_reuse: bool = True,
     ) -> None:
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
+        # What free slots still hold of the requests that left them; None: every prompt is computed whole.
+        self._kept: PrefixIndex | None = PrefixIndex() if prefix_reuse else None
         self._on_step = on_step or (lambda n: None)
         # Told when prompts start and stop waiting for prefill (skills/chat_first.py).
         self._on_waiting = on_waiting or (lambda waiting: None)
@@ -199,6 +211,7 @@ class SlotScheduler:
                 if request.request_id == arg:
                     del self._running[slot]
                     self._patches[slot] = None
+                    self._keep(request)
             self._forget(arg)
             self._dropped.discard(arg)
 
@@ -206,20 +219,40 @@ class SlotScheduler:
         if not self._waiting or len(self._running) == self.engine.slots:
             return
         free = [s for s in range(self.engine.slots) if s not in self._running]
-        admitted: list[_Request] = []
+        fresh: list[_Request] = []  # computed whole
+        extended: list[tuple[_Request, int]] = []  # (request, tokens its slot already holds)
+        copies: dict[int, int] = {}  # slot -> the slot whose first tokens it gets first
         engine = self.engine
-        while self._waiting and len(admitted) < min(len(free), engine.prefill_sizes[-1]):
-            group = [*admitted, self._waiting[0]]
-            padded = bucket(len(group), engine.prefill_sizes) * bucket(max(len(r.prompt) for r in group), engine.prompt_lengths)
-            if admitted and padded > self.max_prefill_tokens:
+        limit = min(len(free), engine.prefill_sizes[-1])
+        while self._waiting and len(fresh) + len(extended) < limit:
+            request = self._waiting[0]
+            slot, start, source = self._place(request, free)
+            if start == 0:
+                padded = self._padded([*fresh, request], extended)
+            else:
+                padded = self._padded(fresh, [*extended, (request, start)])
+            if (fresh or extended) and padded > self.max_prefill_tokens:
                 break
-            admitted.append(self._waiting.popleft())
+            self._waiting.popleft()
+            request.slot = slot
+            free.remove(slot)
+            if self._kept is not None:
+                self._kept.drop(slot)
+            if source is not None:
+                copies[slot] = source
+            if start:
+                extended.append((request, start))
+            else:
+                fresh.append(request)
+        admitted = [*fresh, *(r for r, _ in extended)]
         if not admitted:
             return
-        for request, slot in zip(admitted, free):
-            request.slot = slot
         try:
-            firsts = engine.prefill([r.slot for r in admitted], [r.prompt for r in admitted])
+            engine.copy(copies, max((s for r, s in extended if r.slot in copies), default=0))
+            firsts = engine.prefill([r.slot for r in fresh], [r.prompt for r in fresh]) if fresh else []
+            if extended:
+                rows, prompts = [r.slot for r, _ in extended], [r.prompt for r, _ in extended]
+                firsts = [*firsts, *engine.extend(rows, prompts, [s for _, s in extended])]
             if len(firsts) != len(admitted):
                 raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(admitted)} prompts")
         except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
@@ -233,6 +266,44 @@ class SlotScheduler:
             self._running[request.slot] = request
             self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
             self._advance(request, token, outputs)
+
+    def _place(self, request: _Request, free: list[int]) -> tuple[int, int, int | None]:
+        """The free slot ``request`` goes to, how many of its prompt's tokens that slot will hold
+        before it is computed (0: all are computed), and the slot to copy them from first, if
+        any. A slot whose conversation the prompt carries on (``PrefixIndex.continues``: the
+        previous turn) is taken; else an empty slot, or the one left longest ago, so a new
+        conversation does not push out one that is still going on; it gets the tokens it shares
+        with the best match copied when they are ``SHARE_MIN_TOKENS`` or more."""
+        if self._kept is None:
+            return free[0], 0, None
+        if request.hashes is None:
+            request.hashes = chain(request.prompt)
+        slot, common = self._kept.match(request.prompt, request.hashes)
+        start = min(common, len(request.prompt) - 1)  # at least one token computed: its logits
+        if slot is not None and self._kept.continues(slot, common):
+            return slot, start, None
+        victim = self._kept.victim(free)
+        if slot is None or start < SHARE_MIN_TOKENS:
+            return victim, start if victim == slot else 0, None
+        return victim, start, None if victim == slot else slot
+
+    def _padded(self, fresh: list[_Request], extended: list[tuple[_Request, int]]) -> int:
+        """Tokens a prefill of ``fresh`` and an extend of ``extended`` compute, padding included."""
+        engine, padded = self.engine, 0
+        if fresh:
+            padded += bucket(len(fresh), engine.prefill_sizes) * bucket(max(len(r.prompt) for r in fresh), engine.prompt_lengths)
+        if extended:
+            longest = max(len(r.prompt) - start for r, start in extended)
+            padded += bucket(len(extended), engine.extend_sizes) * bucket(longest, engine.prompt_lengths)
+        return padded
+
+    def _keep(self, request: _Request) -> None:
+        """``request`` left its slot: record what the slot's rows hold of it (its prompt and the
+        tokens fed back before its last; a step still in flight writes only beyond them)."""
+        if self._kept is None or request.hashes is None:
+            return
+        tokens = request.prompt + request.tokens[:-1]
+        self._kept.keep(request.slot, tokens, chain(tokens, request.hashes), len(request.prompt))
 
     def _launch(self) -> tuple[Any, dict[int, _Request]] | None:
         """Queue a decode step for every busy slot (the device already holds each one's next input;
@@ -260,11 +331,18 @@ class SlotScheduler:
             return
         free = [s for s in range(width) if s not in self._running]
         moves = dict(zip((s for s in sorted(self._running) if s >= width), free))
-        self.engine.move(moves)
+        # The columns that hold anything: each moved request's (a step in flight included) and what
+        # the free slots it swaps with hold of their last requests.
+        columns = max(len(self._running[s].prompt) + len(self._running[s].tokens) + self._running[s].pending + 1 for s in moves)
+        if self._kept is not None:
+            columns = max([columns, *(self._kept.length(d) for d in moves.values() if d in self._kept)])
+        self.engine.move(moves, columns)
         for src, dst in moves.items():
             request = self._running.pop(src)
             request.slot = dst
             self._running[dst] = request
+            if self._kept is not None:
+                self._kept.swap(src, dst)
 
     def _collect(self, inflight: tuple[Any, dict[int, _Request]], outputs: list[StreamOutput]) -> None:
         step, members = inflight
@@ -285,11 +363,14 @@ class SlotScheduler:
             del self._running[request.slot]
             self._patches[request.slot] = None
             self._forget(request.request_id)
+            self._keep(request)
         outputs.append(StreamOutput(request.request_id, request.tokens, done))
 
     def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
         running, self._running = self._running, {}
         self._inflight, self._patches = None, {}
+        if self._kept is not None:  # what the device holds is not known now
+            self._kept.clear()
         try:
             self.engine.reset()
         except Exception:  # noqa: BLE001 - the device may be gone; the next step reports it

@@ -107,3 +107,23 @@ def test_long_session_bench_grows_a_session_whose_turns_each_name_a_new_image(tm
         ).fetchone()
         skills = {row[0] for row in conn.execute("SELECT skill FROM messages WHERE role = 'assistant'")}
     assert named == (9, 9) and skills == {"chat"}  # 2 + 3 + 1 + 3 turns, one new image each
+
+
+def test_followups_bench_reuses_each_conversations_earlier_turns(tmp_path: Path) -> None:
+    """bench/followups.py (what bench/gpu.sh runs on the GPU), briefly: the same replies with reuse
+    and without, and from the second turn on the model computes fewer prompt tokens with it."""
+    out = tmp_path / "followups.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/followups.py", "--shape", "tiny", "--sessions", "2", "--turns", "3", "--words", "4",
+         "--max-new", "8", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["replies_same"] and result["sessions"] == 2
+    runs = {run["reuse"]: run["turns"] for run in result["runs"]}
+    assert [t["reused"] for t in runs[False]] == [0, 0, 0]
+    assert runs[True][0]["reused"] == 0 and all(t["reused"] > 0 for t in runs[True][1:])
+    for with_reuse, without in zip(runs[True], runs[False]):
+        assert with_reuse["computed"] + with_reuse["reused"] == without["computed"]
+    assert result["prompt_tokens_computed"]["reuse"] < result["prompt_tokens_computed"]["no_reuse"]

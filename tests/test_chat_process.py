@@ -110,6 +110,9 @@ class _Feed:
     def active_request_ids(self) -> set[str]:
         return set()
 
+    def prompt_tokens(self) -> tuple[int, int]:
+        return (0, 0)
+
     def send(self, msg: tuple) -> None:
         if msg[1]:  # messages with tokens (stats-only ones go out when idle)
             self.messages.put([(rid, new, done) for rid, new, done, _ in msg[1]])

@@ -109,7 +109,7 @@ def test_slots_generate_what_generate_does_while_requests_come_and_go(
     assert engine.moves > 0, "no request was moved down when the steps could narrow"
     if replay:
         kinds = {key[0] for key in engine.graphs.keys()}
-        assert kinds == {"decode", "prefill"}, "the steps were not replayed"
+        assert kinds == {"decode", "prefill", "extend"}, "the steps were not replayed"
         assert len(engine.graphs.keys()) == warmed, "a step shape was first captured while serving, stalling the replies"
 
 
@@ -411,11 +411,17 @@ def test_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(wide_model
                 worker._manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name])
             results: dict = {}
             collect(worker, results, lambda r: len(r) == 4 and all(done for _, done in r.values()))
+            for name in ("short", "long", "mid", "late"):  # each conversation's next turn: extended in its slot
+                follow = PROMPTS[name] + results[name][0] + [5, 6, 7]
+                worker._manager.add_request(input_ids=follow, request_id=f"{name}-2", max_new_tokens=20)
+            collect(worker, results, lambda r: len(r) == 8 and all(done for _, done in r.values()))
+            assert worker.prompt_tokens()[1] >= sum(len(PROMPTS[n]) for n in ("short", "long", "mid", "late"))
             if graphs:
-                assert worker._manager.engine.graphs.keys(), "no step was replayed from a graph"
+                keys = worker._manager.engine.graphs.keys()
+                assert {"decode", "prefill", "extend"} <= {key[0] for key in keys}, keys
         finally:
             worker.close()
         outputs[graphs] = {name: tokens for name, (tokens, _) in results.items()}
     assert outputs[True] == outputs[False]
-    agree = sum(outputs[True][n] == reference[n] for n in outputs[True])
+    agree = sum(outputs[True][n] == reference[n] for n in PROMPTS if n in outputs[True])
     assert agree >= 3, "the GPU's float32 kernels disagree with the CPU reference on more than a near-tie"

@@ -12,8 +12,8 @@ CHAT_TEMPLATE = (
 
 def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
     """A byte-level BPE tokenizer with a ChatML template (ids 0-2 are the specials), saved to
-    ``folder``; with ``vocab_size``, padded with word tokens (" w0", " w1", ...) so that every id a
-    model of that vocabulary can emit decodes to text. Returns the vocabulary size."""
+    ``folder``; with ``vocab_size``, padded with word tokens (" w", " wa", " wb", ...) so that every id a
+    model of that vocabulary can emit decodes to text, and encodes back. Returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -21,11 +21,21 @@ def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
     vocab = {"<|pad|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     for ch in sorted(ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
-    n = 0
+    # Word tokens come with the merges that build them from their bytes, so that a reply's text
+    # encodes to the ids that made it, as a trained tokenizer's mostly does: " w" and then letters
+    # (the pre-tokenizer keeps a space and the letters after it together), so " wab" is
+    # " w" + "a" -> " wa", + "b" -> " wab"; the words are every string of letters in turn.
+    merges: list[tuple[str, str]] = []
+    if vocab_size is not None and len(vocab) < vocab_size:
+        vocab["Ġw"] = len(vocab)  # "Ġ" is the byte-level space
+        merges.append(("Ġ", "w"))
+    n = 1
     while vocab_size is not None and len(vocab) < vocab_size:
-        vocab[f"Ġw{n}"] = len(vocab)  # "Ġ" is the byte-level space
+        word = "Ġw" + _letters(n)
+        vocab[word] = len(vocab)
+        merges.append((word[:-1], word[-1]))
         n += 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
@@ -35,6 +45,15 @@ def build_chat_tokenizer(folder: Path, vocab_size: int | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
     return len(vocab)
+
+
+def _letters(n: int) -> str:
+    """``n`` >= 1 in bijective base 26: a, b, ..., z, aa, ab, ... (every prefix is an earlier one)."""
+    out = ""
+    while n:
+        n, r = divmod(n - 1, 26)
+        out = chr(97 + r) + out
+    return out
 
 
 def widen_weights(model, std: float) -> None:  # noqa: ANN001 - any torch module
