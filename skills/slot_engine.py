@@ -322,10 +322,7 @@ class SlotEngine:
             return
         torch = self.torch
         src, dst = self._queued_copy(torch.tensor([list(moves), list(moves.values())], dtype=torch.long))
-        to, of = torch.cat([dst, src]), torch.cat([src, dst])
-        for cache in (*self.cache.keys, *self.cache.values):
-            rows = cache[:, :, :columns]
-            rows.index_copy_(0, to, rows.index_select(0, of))
+        self._copy_rows(torch.cat([dst, src]), torch.cat([src, dst]), columns)
         self._d_in[:, dst] = self._d_in[:, src]
         self._d_in[:, src] = self._d_idle.expand(4, len(moves))
         self.moves += len(moves)
@@ -338,9 +335,14 @@ class SlotEngine:
             return
         torch = self.torch
         dst, src = self._queued_copy(torch.tensor([list(sources), list(sources.values())], dtype=torch.long))
+        self._copy_rows(dst, src, columns)
+
+    def _copy_rows(self, to: Any, of: Any, columns: int | None) -> None:
+        """Each cache's rows ``of`` into rows ``to``, the first ``columns`` of them (all: None); the
+        rows read are copied out first, so ``to`` and ``of`` may swap."""
         for cache in (*self.cache.keys, *self.cache.values):
             rows = cache[:, :, :columns]
-            rows.index_copy_(0, dst, rows.index_select(0, src))
+            rows.index_copy_(0, to, rows.index_select(0, of))
 
     def _queued_copy(self, host: Any) -> Any:
         """``host`` on the device; on a GPU pinned and non-blocking, so it queues behind the step in
