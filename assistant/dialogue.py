@@ -571,9 +571,9 @@ class DialogueManager:
             if not m.recent:  # an older turn read for the images alone (state.context)
                 pass
             elif m.role == "user":
-                items.append(HistoryItem("user", images.render_user(m)))
+                items.append(HistoryItem("user", images.render_user(m), m.position))
             elif m.status in HISTORY_REPLY_STATUSES and m.text:
-                items.append(HistoryItem("assistant", m.text))
+                items.append(HistoryItem("assistant", m.text, m.position))
             if m.role == "assistant" and m.skill:
                 last_skill = m.skill
         # A user message whose reply failed has no answer; keep user/assistant alternating, starting

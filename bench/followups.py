@@ -3,8 +3,9 @@
 ``--sessions`` conversations take ``--turns`` turns each; each turn of every conversation is sent at
 once (a burst), and the next turn's prompt is built as the server builds it (``skills.chat.build_prompt``:
 the chat template over the history, each reply as its decoded text, the oldest messages dropped
-past ``--context`` tokens). Per turn: time to first token (request queued to its first token, read
-as the chat process reads it), prompt tokens, and how many of them the model computed and how many
+past ``--context`` tokens, keeping the start of the turn before while it fits, as ``ChatSkill``
+does). Per turn: time to first token (request queued to its first token, read as the chat process
+reads it), prompt tokens, and how many of them the model computed and how many
 it read from the slot that held the conversation's previous turn (``skills/prefix_cache.py``).
 With ``chat_prefix_reuse`` on and off, alternating, ``--rounds`` times each, in one run; the replies
 must be the same either way (``replies_same``).
@@ -42,7 +43,7 @@ def message(rng: random.Random, words: int) -> str:
 
 def run(model_dir: Path, args: argparse.Namespace, sessions: int, reuse: bool) -> dict:
     from skills.base import HistoryItem
-    from skills.chat import build_prompt
+    from skills.chat import DROP_HEADROOM, build_prompt
     from skills.chat_worker import ChatWorker, ChatWorkerOptions
 
     worker = ChatWorker(ChatWorkerOptions(
@@ -53,13 +54,19 @@ def run(model_dir: Path, args: argparse.Namespace, sessions: int, reuse: bool) -
     manager, tokenizer = worker._manager, worker.tokenizer
     rng = random.Random(0)  # the same messages either way
     histories: list[list] = [[] for _ in range(sessions)]
+    starts: list[int | None] = [None] * sessions  # where each prompt started, once it dropped messages (as ChatSkill keeps)
     turns = []
     try:
         for turn in range(args.turns):
             prompts = []
-            for history in histories:
-                history.append(HistoryItem(role="user", text=message(rng, args.words)))
-                prompts.append(build_prompt(tokenizer, system=SYSTEM, history=history, budget=args.context)[0])
+            for s, history in enumerate(histories):
+                history.append(HistoryItem("user", message(rng, args.words), len(history)))
+                ids, dropped = build_prompt(
+                    tokenizer, system=SYSTEM, history=history, budget=args.context,
+                    **({"keep_from": starts[s], "headroom": DROP_HEADROOM} if args.keep_start == "on" else {}),
+                )  # fmt: skip
+                starts[s] = history[dropped].position if dropped else None
+                prompts.append(ids)
             before = worker.prompt_tokens()
             sent, first, done = {}, {}, {}
             for s, ids in enumerate(prompts):
@@ -76,7 +83,7 @@ def run(model_dir: Path, args: argparse.Namespace, sessions: int, reuse: bool) -
             computed, reused = (a - b for a, b in zip(worker.prompt_tokens(), before))
             for s, history in enumerate(histories):
                 text = tokenizer.decode(done[f"s{s}-t{turn}"], skip_special_tokens=True)
-                history.append(HistoryItem(role="assistant", text=text))
+                history.append(HistoryItem("assistant", text, len(history)))
             turns.append({
                 "turn": turn + 1,
                 "prompt_tokens_mean": round(statistics.mean(map(len, prompts)), 1),
@@ -99,6 +106,8 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=96, help="tokens in each reply")
     ap.add_argument("--context", type=int, default=2048, help="the prompt budget (chat_context_tokens)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--keep-start", choices=["on", "off"], default="on",
+                    help="past the budget, keep the turn before's start while it fits (as the server does); off: drop to fit")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from bench.chat_model import build_chat_model
@@ -124,8 +133,8 @@ def main() -> None:
             "prompt_tokens_reused": sum(t["reused"] for t in by[True][0]["turns"]),
             "runs": [{k: v for k, v in r.items() if k != "replies"} for r in runs],
         })  # fmt: skip
-    emit({**stamp(), "shape": args.shape, "device": args.device, "turns": args.turns, "words": args.words,
-          "max_new": args.max_new, "context": args.context, "results": results}, args.out)  # fmt: skip
+    config = {k: getattr(args, k) for k in ("shape", "device", "turns", "words", "max_new", "context", "keep_start")}
+    emit({**stamp(), **config, "results": results}, args.out)
 
 
 if __name__ == "__main__":

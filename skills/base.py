@@ -25,6 +25,7 @@ class SkillError(Exception):
 class HistoryItem:
     role: Literal["user", "assistant"]
     text: str
+    position: int | None = None  # the message's place in its session (state.models.Message.position)
 
 
 @dataclass(frozen=True)

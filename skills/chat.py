@@ -7,6 +7,7 @@ import functools
 import logging
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 # A history longer than this many characters per token of the budget is searched from its end
 # without templating it whole first (English runs about four characters a token).
 LIKELY_CHARS_PER_TOKEN = 8
+# A conversation that outgrew the prompt budget drops its oldest messages until the prompt fits this
+# much less than the budget, then keeps that start while it fits: its turns begin alike, so the model
+# reuses what it computed of the turn before (skills/prefix_cache.py) instead of every turn's start
+# moving one message on and the whole prompt being computed again.
+DROP_HEADROOM = 0.25
+KEPT_STARTS = 4096  # conversations whose prompt start is remembered (the most recent)
 # How long a stream may see no output while the generation loop is dead before it fails.
 _WATCHDOG_SECONDS = 1.0
 
@@ -76,62 +83,79 @@ def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
 
 
 def build_prompt(
-    tokenizer: Any, *, system: str | None, history: list[HistoryItem], budget: int
+    tokenizer: Any, *, system: str | None, history: list[HistoryItem], budget: int,
+    keep_from: int | None = None, headroom: float = 0.0,
 ) -> tuple[list[int], int]:
     """Apply the chat template to (system, history); drop the oldest messages until the prompt fits
     ``budget`` tokens, never leaving an assistant message first. The last message (the new user
     turn) is always kept. Returns (ids, dropped).
 
-    This runs on the event loop for every chat turn. A history that may fit is templated whole
-    first, the usual case; one that does not is searched from its end (the last message alone, then
-    twice as far back each time, then halving), so a 200-message conversation costs a few templates
-    of about the budget's size instead of one of the whole history per message dropped (1.9 s of a
-    stalled loop per turn before, ``bench/README.md``)."""
+    A conversation that outgrew the budget: ``keep_from`` is the position (``HistoryItem.position``)
+    its previous prompt started at; while the prompt still fits from there it starts there again,
+    so it begins as the previous one did and the model reuses what it computed of it
+    (``skills/prefix_cache.py``). When it no longer fits, it drops until it fits
+    ``budget * (1 - headroom)``, so the next turns fit from the same start too (or the budget, when
+    only the last message would).
+
+    This runs for every chat turn. A history that may fit is templated whole first, the usual case;
+    one that does not is searched from its end (the last message alone, then twice as far back each
+    time, then halving), so a 200-message conversation costs a few templates of about the budget's
+    size instead of one of the whole history per message dropped (1.9 s of a stalled loop per turn
+    before, ``bench/README.md``)."""
     head = [{"role": "system", "content": system}] if system else []
     msgs = [{"role": h.role, "content": h.text} for h in history]
     to_ids = text_encoder(tokenizer)
-
-    def encode(start: int) -> list[int]:
-        # What apply_chat_template(tokenize=True) does: render, then encode without special tokens.
-        return to_ids(tokenizer.apply_chat_template(head + msgs[start:], add_generation_prompt=True, tokenize=False))
-
     # Where the kept part may start: after the oldest messages are dropped, a leading assistant
     # message goes too (the last message stays, whatever it is). The prompt shrinks as it starts later.
     starts = [0] + [i for i in range(1, len(msgs)) if msgs[i]["role"] != "assistant" or i == len(msgs) - 1]
-    fits: dict[int, list[int]] = {}  # index into starts -> its prompt, for those that fit
+    encoded: dict[int, list[int]] = {}  # index into starts -> its prompt
+
+    def prompt(i: int) -> list[int]:
+        # What apply_chat_template(tokenize=True) does: render, then encode without special tokens.
+        if i not in encoded:
+            text = tokenizer.apply_chat_template(head + msgs[starts[i] :], add_generation_prompt=True, tokenize=False)
+            encoded[i] = to_ids(text)
+        return encoded[i]
+
+    def earliest(limit: int, bad: int) -> int | None:
+        """The earliest index into starts after ``bad`` (known not to fit) whose prompt fits ``limit``."""
+        good = len(starts) - 1
+        if good <= bad or len(prompt(good)) > limit:  # the last message alone
+            return None
+        step = 1
+        while good - step > bad:  # gallop back from the end
+            if len(prompt(good - step)) > limit:
+                bad = good - step
+                break
+            good, step = good - step, step * 2
+        while good - bad > 1:  # the earliest start that fits lies in (bad, good]
+            mid = (good + bad) // 2
+            if len(prompt(mid)) <= limit:
+                good = mid
+            else:
+                bad = mid
+        return good
+
     bad = -1  # the latest index known not to fit (-1: none yet)
     if sum(len(m["content"]) for m in msgs) <= LIKELY_CHARS_PER_TOKEN * budget:
-        ids = encode(0)
-        if len(ids) <= budget:
-            return ids, 0
+        if len(prompt(0)) <= budget:
+            return prompt(0), 0
         bad = 0
-    good = len(starts) - 1
-    if good > bad:
-        ids = encode(starts[good])  # the last message alone
-        if len(ids) <= budget:
-            fits[good] = ids
-    if not fits:
+    kept = None if keep_from is None else next((i for i, at in enumerate(starts) if history[at].position == keep_from), None)
+    if kept is not None and kept > bad:
+        if len(prompt(kept)) <= budget:
+            return prompt(kept), starts[kept]
+        bad = kept  # an earlier start is longer still
+    good = earliest(budget - int(budget * headroom), bad) if headroom else None
+    if good is None:
+        good = earliest(budget, bad)
+    if good is None:
         raise SkillError(
             "context_too_long",
-            f"the message needs {len(ids)} prompt tokens but the budget is {budget}; "
+            f"the message needs {len(prompt(len(starts) - 1))} prompt tokens but the budget is {budget}; "
             "send a shorter message or raise ASSISTANT_CHAT_CONTEXT_TOKENS",
         )
-    step = 1
-    while good - step > bad:  # gallop back from the end
-        probe = encode(starts[good - step])
-        if len(probe) > budget:
-            bad = good - step
-            break
-        good, step = good - step, step * 2
-        fits[good] = probe
-    while good - bad > 1:  # the earliest start that fits lies in (bad, good]
-        mid = (good + bad) // 2
-        probe = encode(starts[mid])
-        if len(probe) <= budget:
-            good, fits[mid] = mid, probe
-        else:
-            bad = mid
-    return fits[good], starts[good]
+    return prompt(good), starts[good]
 
 
 class ChatRun:
@@ -230,6 +254,8 @@ class ChatSkill(ModelSkill):
         self._restart_lock = asyncio.Lock()
         self._due = 0  # turns routed here and not yet started (chat first)
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-prompt")
+        # Session -> the position its last prompt started at, when it dropped messages (build_prompt).
+        self._starts: OrderedDict[str, int] = OrderedDict()
 
     def status(self) -> SkillStatus:
         st = super().status()
@@ -298,15 +324,26 @@ class ChatSkill(ModelSkill):
         budget = self.context_tokens
         if self.worker.max_positions:
             budget = min(budget, self.worker.max_positions - 1)
-        build = functools.partial(build_prompt, self.worker.tokenizer, system=self.system_prompt, history=history, budget=budget)
+        # Past the budget, a model that reuses the turn before keeps its start (less history some turns,
+        # far less to compute); one that does not gets as much history as fits, every turn.
+        reuse = self.worker.engine == "slots" and self.worker.options.prefix_reuse
+        keep = {"keep_from": self._starts.get(request.session_id), "headroom": DROP_HEADROOM} if reuse else {}
+        build = functools.partial(
+            build_prompt, self.worker.tokenizer, system=self.system_prompt, history=history, budget=budget, **keep
+        )  # fmt: skip
         if getattr(text_encoder(self.worker.tokenizer), "off_loop", False):
             # Off the event loop: the template holds the GIL briefly, the tokenizers library's encode
             # lets it go, so a burst's prompts are built beside the loop's other work (one thread, FIFO).
             prompt_ids, dropped = await asyncio.get_running_loop().run_in_executor(self._prompts, build)
         else:
             prompt_ids, dropped = build()
+        self._starts.pop(request.session_id, None)
         if dropped:
             log.info("turn %s: dropped %d oldest messages to fit %d tokens", request.turn_id, dropped, budget)
+            if history[dropped].position is not None:
+                self._starts[request.session_id] = history[dropped].position
+                if len(self._starts) > KEPT_STARTS:
+                    self._starts.popitem(last=False)
         max_new = self.worker.options.max_new_tokens
         if self.worker.max_positions:
             max_new = max(1, min(max_new, self.worker.max_positions - len(prompt_ids)))

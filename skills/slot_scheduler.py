@@ -244,28 +244,37 @@ class SlotScheduler:
                 extended.append((request, start))
             else:
                 fresh.append(request)
-        admitted = [*fresh, *(r for r, _ in extended)]
-        if not admitted:
-            return
-        try:
+        extends = [r for r, _ in extended]
+
+        def extend(requests: list[_Request]) -> list[int]:
             engine.copy(copies, max((s for r, s in extended if r.slot in copies), default=0))
-            firsts = engine.prefill([r.slot for r in fresh], [r.prompt for r in fresh]) if fresh else []
-            if extended:
-                rows, prompts = [r.slot for r, _ in extended], [r.prompt for r, _ in extended]
-                firsts = [*firsts, *engine.extend(rows, prompts, [s for _, s in extended])]
-            if len(firsts) != len(admitted):
-                raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(admitted)} prompts")
-        except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
-            log.exception("chat prefill failed")
-            for request in admitted:
-                self._forget(request.request_id)
-                outputs.append(StreamOutput(request.request_id, [], True, f"{type(exc).__name__}: {exc}"))
-            return
-        self._on_step(len(admitted))
-        for request, token in zip(admitted, firsts):
-            self._running[request.slot] = request
-            self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
-            self._advance(request, token, outputs)
+            return engine.extend([r.slot for r in requests], [r.prompt for r in requests], [s for _, s in extended])
+
+        def prefill(requests: list[_Request]) -> list[int]:
+            return engine.prefill([r.slot for r in requests], [r.prompt for r in requests])
+
+        # The extended first, and their first tokens out before a prefill of whole prompts runs: a
+        # conversation's next turn does not wait for the new ones admitted with it.
+        groups = [(requests, run) for requests, run in ((extends, extend), (fresh, prefill)) if requests]
+        for i, (requests, run) in enumerate(groups):
+            if i:
+                self._emit(outputs)
+                outputs.clear()
+            try:
+                firsts = run(requests)
+                if len(firsts) != len(requests):
+                    raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(requests)} prompts")
+            except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
+                log.exception("chat prefill failed")
+                for request in requests:
+                    self._forget(request.request_id)
+                    outputs.append(StreamOutput(request.request_id, [], True, f"{type(exc).__name__}: {exc}"))
+                continue
+            self._on_step(len(requests))
+            for request, token in zip(requests, firsts):
+                self._running[request.slot] = request
+                self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
+                self._advance(request, token, outputs)
 
     def _place(self, request: _Request, free: list[int]) -> tuple[int, int, int | None]:
         """The free slot ``request`` goes to, how many of its prompt's tokens that slot will hold

@@ -49,6 +49,40 @@ def test_a_single_message_over_the_budget_is_a_clear_error(tokenizer) -> None:  
     assert err.value.code == "context_too_long" and "ASSISTANT_CHAT_CONTEXT_TOKENS" in err.value.message
 
 
+def test_a_conversation_past_the_budget_keeps_its_start_while_it_fits(tokenizer) -> None:  # noqa: ANN001
+    """Turn after turn of a conversation that outgrew the budget, with the start of the turn before
+    (``keep_from``): the start stays while the prompt fits, so each such prompt begins with the
+    whole prompt before it (what the model reuses); when it must move, it drops to fit three
+    quarters of the budget, so it can stay again. Without the hint every turn's start moves on."""
+    budget = 800
+
+    def turns(hinted: bool) -> list[tuple[list[int], int | None]]:
+        history: list[HistoryItem] = []
+        out, keep = [], None
+        for turn in range(60):
+            history.append(HistoryItem("user", f"question {turn}: " + "why " * (turn % 5 + 1), 2 * turn))
+            kwargs = {"keep_from": keep, "headroom": 0.25} if hinted else {}
+            ids, dropped = build_prompt(tokenizer, system="sys", history=history, budget=budget, **kwargs)
+            assert len(ids) <= budget
+            keep = history[dropped].position if dropped else None
+            out.append((ids, keep))
+            history.append(HistoryItem("assistant", f"answer {turn}: " + "because " * (turn % 3 + 1), 2 * turn + 1))
+        return out
+
+    hinted, plain = turns(True), turns(False)
+    past = [i for i, (_, start) in enumerate(hinted) if start is not None]
+    assert len(past) > 25, "the conversation never outgrew the budget"
+    kept = [i for i in past[1:] if hinted[i][1] == hinted[i - 1][1]]
+    moved = [i for i in past[1:] if hinted[i][1] != hinted[i - 1][1]]
+    assert len(kept) > 2 * len(moved) > 0, (len(kept), len(moved))  # 36 and 12 of 48 here
+    for i in kept:
+        assert hinted[i][0][: len(hinted[i - 1][0])] == hinted[i - 1][0], i
+    for i in [past[0], *moved]:
+        assert len(hinted[i][0]) <= budget * 0.75, i
+    plain_kept = sum(plain[i][1] == plain[i - 1][1] for i in past[1:])
+    assert plain_kept < len(kept) / 4, "without the hint the start should move most turns"
+
+
 def test_truncation_keeps_what_dropping_one_message_at_a_time_keeps(tokenizer) -> None:  # noqa: ANN001
     """Histories of every shape (failed replies leave two user messages in a row; a history may
     start with an answer) and budgets from too small to ample: the prompt and the count dropped are

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from assistant import protocol as p
 from bench.delete_session import fill
-from skills.base import HistoryItem, ModelFreeSkill, SkillRequest
+from skills.base import ModelFreeSkill, SkillRequest
 from state import context as state_context
 from state import store
 from state.db import make_engine, make_session_factory, upgrade
@@ -264,7 +264,9 @@ def test_a_long_conversation_is_routed_as_with_its_whole_history_and_the_skill_g
         if len(everything) > 12:
             assert 2 <= len(got) < len(everything) // 2
     # the queued turn was given the turn before it, answer included
-    assert window[-1][3][-2:] == (HistoryItem("user", "a last question"), HistoryItem("assistant", window[-1][3][-1].text))
+    question, answer = window[-1][3][-2:]
+    assert (question.role, question.text, answer.role) == ("user", "a last question", "assistant")
+    assert answer.position == question.position + 1  # each with its place in the session (the prompt's start, kept)
     assert window[-1][3][-1].text.startswith(f"chat reply {len(window) - 1} ")
 
 

@@ -218,6 +218,42 @@ def test_a_new_conversation_gets_a_long_shared_system_prompt_copied(model_dir: P
         worker.close()
 
 
+def test_a_follow_up_streams_before_new_prompts_admitted_with_it(model_dir: Path, generate) -> None:  # noqa: ANN001
+    """A conversation's next turn and a new conversation admitted together: the next turn's few new
+    tokens are computed first and its first token goes out before the new prompt's prefill runs."""
+    from skills.slot_scheduler import _Request
+
+    worker = load(model_dir, slots=4)
+    manager, engine = worker._manager, worker._manager.engine
+    try:
+        first = reply(worker, FIRST, "a0", 10)
+        out_before_prefill: list[set[str]] = []
+        prefill = engine.prefill
+
+        def watched(rows: list[int], prompts: list[list[int]]) -> list[int]:
+            out_before_prefill.append({o.request_id for batch in list(manager._results.queue) for o in batch})
+            return prefill(rows, prompts)
+
+        engine.prefill = watched
+        second = FIRST + first + NEW
+        manager._commands.extend([  # admitted in the same turn of the scheduler's loop
+            ("add", _Request("a1", second, 10, frozenset())),
+            ("add", _Request("b0", OTHER, 10, frozenset())),
+        ])  # fmt: skip
+        manager._wake.set()
+        done: dict[str, list[int]] = {}
+        deadline = time.monotonic() + 60
+        while len(done) < 2:
+            assert time.monotonic() < deadline, done
+            out = manager.get_result(timeout=0.05)
+            if out is not None and out.is_finished():
+                done[out.request_id] = list(out.generated_tokens)
+        assert out_before_prefill == [{"a1"}], out_before_prefill
+        assert done == {"a1": generate(second, 10), "b0": generate(OTHER, 10)}
+    finally:
+        worker.close()
+
+
 def test_a_regenerated_reply_reuses_its_whole_prompt(model_dir: Path, generate) -> None:  # noqa: ANN001
     """The same prompt again (regenerate): all but its last token come from the slot."""
     worker = load(model_dir, slots=2)
@@ -369,3 +405,33 @@ def test_a_conversation_over_the_websocket_reuses_its_earlier_turns(tmp_path: Pa
     plain, plain_tokens = conversation(False)
     assert plain_tokens == {"computed": sum(prompts), "reused": 0}
     assert [d["text"] for d in plain] == [d["text"] for d in dones], "reusing the slot changed the replies"
+
+
+def test_a_conversation_longer_than_the_budget_still_reuses_most_turns(tmp_path: Path, tiny_chat_model: Path) -> None:
+    """Through the server, with a 600-token prompt budget: once the conversation outgrows it, the
+    oldest messages are dropped, but the prompt keeps its start while it fits (``build_prompt``'s
+    ``keep_from``), so most later turns still reuse the turn before."""
+    live = start_server(make_settings(tmp_path, tiny_chat_model, chat_engine="slots", chat_context_tokens=600))
+    try:
+        wait_ready(live)
+        token = live.token("alice")
+
+        async def go() -> list[tuple[int, float]]:
+            out = []
+            async with ws_client(live, token) as c:
+                sid = await c.new_session()
+                for turn in range(20):
+                    before = _prompt_tokens(live.http)["reused"]
+                    _, done = await c.turn(sid, f"Message {turn}: what should we plan next for the team?")
+                    out.append((done["usage"]["prompt_tokens"], _prompt_tokens(live.http)["reused"] - before))
+            return out
+
+        turns = asyncio.run(go())
+    finally:
+        live.stop()
+    full = next(i for i in range(1, len(turns)) if turns[i][0] < turns[i - 1][0])  # the first turn that dropped messages
+    later = turns[full + 1 :]
+    assert len(later) >= 6, turns
+    reused = [r for _, r in later if r > 0]
+    assert len(reused) >= 2 * len(later) // 3, turns
+    assert all(prompt <= 600 for prompt, _ in turns)
