@@ -74,6 +74,18 @@ def reply(worker: ChatWorker, prompt: list[int], rid: str, n: int, *, cancel_aft
             return tokens
 
 
+def finished(worker: ChatWorker, n: int) -> dict[str, list[int]]:
+    """Read outputs until ``n`` requests have finished; each one's tokens."""
+    done: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(done) < n:
+        assert time.monotonic() < deadline, done
+        out = worker._manager.get_result(timeout=0.05)
+        if out is not None and out.is_finished():
+            done[out.request_id] = list(out.generated_tokens)
+    return done
+
+
 def counts(worker: ChatWorker) -> tuple[int, int]:
     return worker.prompt_tokens()
 
@@ -241,13 +253,7 @@ def test_a_follow_up_streams_before_new_prompts_admitted_with_it(model_dir: Path
             ("add", _Request("b0", OTHER, 10, frozenset())),
         ])  # fmt: skip
         manager._wake.set()
-        done: dict[str, list[int]] = {}
-        deadline = time.monotonic() + 60
-        while len(done) < 2:
-            assert time.monotonic() < deadline, done
-            out = manager.get_result(timeout=0.05)
-            if out is not None and out.is_finished():
-                done[out.request_id] = list(out.generated_tokens)
+        done = finished(worker, 2)
         assert out_before_prefill == [{"a1"}], out_before_prefill
         assert done == {"a1": generate(second, 10), "b0": generate(OTHER, 10)}
     finally:
@@ -278,13 +284,7 @@ def test_moving_a_request_down_keeps_the_turn_a_free_slot_held(model_dir: Path, 
         prompts = [[40 + i] * (6 + i) for i in range(6)]
         for i, p in enumerate(prompts):
             manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=4 + 2 * i if i < 5 else 40)
-        done: dict[str, list[int]] = {}
-        deadline = time.monotonic() + 60
-        while len(done) < 6:
-            assert time.monotonic() < deadline, done
-            out = manager.get_result(timeout=0.05)
-            if out is not None and out.is_finished():
-                done[out.request_id] = list(out.generated_tokens)
+        done = finished(worker, 6)
         assert engine.moves > 0, "no request moved down"
         for i, p in enumerate(prompts):
             assert done[f"r{i}"] == generate(p, len(done[f"r{i}"])), i
@@ -319,13 +319,7 @@ def test_a_burst_of_follow_ups_is_extended_together(model_dir: Path, generate) -
         seconds = [p + r + NEW for p, r in zip(firsts, replies)]
         for k, p in enumerate(seconds):
             manager.add_request(input_ids=p, request_id=f"c{k}-1", max_new_tokens=10)
-        done: dict[str, list[int]] = {}
-        deadline = time.monotonic() + 60
-        while len(done) < 4:
-            assert time.monotonic() < deadline, done
-            out = manager.get_result(timeout=0.05)
-            if out is not None and out.is_finished():
-                done[out.request_id] = list(out.generated_tokens)
+        done = finished(worker, 4)
         assert sum(calls) == 4 and len(calls) <= 2, calls
         for k, p in enumerate(seconds):
             assert done[f"c{k}-1"] == generate(p, 10), k
