@@ -639,6 +639,7 @@ class DialogueManager:
                 usage = p.Usage(
                     prompt_tokens=run.usage.prompt_tokens,
                     completion_tokens=run.usage.completion_tokens,
+                    cached_prompt_tokens=getattr(run.usage, "cached_prompt_tokens", 0),
                     time_to_first_token_ms=turn.ttft_ms,
                 )
             if turn.cancelled:

@@ -237,6 +237,9 @@ class ResponseDelta(_ServerEvent):
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens, those the model did not compute again: their keys and values were still held
+    # from the conversation's previous turn (or a start it shares with another conversation).
+    cached_prompt_tokens: int = 0
     time_to_first_token_ms: float | None = None
     duration_ms: float | None = None
 

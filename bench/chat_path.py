@@ -52,7 +52,7 @@ async def one_round(worker, streams: int, steps: int, seed: int, per_message: in
     for step in range(0, steps, per_message):
         done = step + per_message >= steps
         new = min(per_message, steps - step)
-        items = [(r.request_id, [rng.randrange(3, VOCAB) for _ in range(new)], done, None) for r in runs]
+        items = [(r.request_id, [rng.randrange(3, VOCAB) for _ in range(new)], done, None, 0) for r in runs]
         worker._dispatch(("out", items, stats))
         for _ in range(4):  # every run takes its output before the next step
             await asyncio.sleep(0)

@@ -44,6 +44,7 @@ class SkillRequest:
 class SkillUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose keys and values the model held already
 
 
 class SkillRun(Protocol):

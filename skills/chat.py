@@ -224,6 +224,7 @@ class ChatRun:
                 # Each output holds every token so far: the last one is enough.
                 generated = outs[-1].generated_tokens
                 self.usage.completion_tokens = len(generated)
+                self.usage.cached_prompt_tokens = getattr(outs[-1], "reused", 0)  # the slot engine's outputs
                 self._tokens = generated[:-1] if generated and generated[-1] in self._worker.eos_token_ids else generated
                 delta = self._text.delta(self._tokens, final=finished)
                 if delta:

@@ -162,7 +162,7 @@ class ChatProcessWorker:
 
     def _dispatch(self, msg: tuple) -> None:
         _, items, stats = msg
-        for request_id, new_tokens, finished, error in items:
+        for request_id, new_tokens, finished, error, reused in items:
             entry = self._handlers.get(request_id)
             if entry is None:  # cancelled, or not ours any more
                 continue
@@ -170,7 +170,7 @@ class ChatProcessWorker:
             tokens.extend(new_tokens)
             if finished:
                 del self._handlers[request_id]
-            handler(StreamOutput(request_id, tokens, finished, error))
+            handler(StreamOutput(request_id, tokens, finished, error, reused))
         self._apply_stats(stats)
 
     def _fail_all(self, reason: str) -> None:
@@ -258,7 +258,7 @@ def _pump(
             finished = out.is_finished() or out.error is not None
             since = getattr(out, "tokens_since", None)  # the slot engine's outputs; the library's have none
             new = since(done) if since is not None else list(out.generated_tokens[done:])
-            items.append((request_id, new, finished, out.error))
+            items.append((request_id, new, finished, out.error, getattr(out, "reused", 0)))
             if finished:
                 sent.pop(request_id, None)
             else:

@@ -42,11 +42,12 @@ class StreamOutput:
     so making one per step costs the same for the 500th token as for the first; ``generated_tokens``
     copies them when read, ``tokens_since`` only the new ones."""
 
-    __slots__ = ("request_id", "_tokens", "_n", "finished", "error")
+    __slots__ = ("request_id", "_tokens", "_n", "finished", "error", "reused")
 
-    def __init__(self, request_id: str, tokens: list[int], finished: bool, error: str | None = None) -> None:
+    def __init__(self, request_id: str, tokens: list[int], finished: bool, error: str | None = None, reused: int = 0) -> None:
         self.request_id, self._tokens, self._n = request_id, tokens, len(tokens)
         self.finished, self.error = finished, error
+        self.reused = reused  # prompt tokens read from what the slot held instead of computed (prefix_cache)
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -69,6 +70,7 @@ class _Request:
     slot: int = -1
     pending: int = 0  # decode steps launched for it whose tokens are not read yet
     hashes: list[int] | None = None  # its prompt's block hashes (skills/prefix_cache.py), once looked up
+    reused: int = 0  # prompt tokens its slot held already, not computed
 
 
 class SlotScheduler:
@@ -234,7 +236,7 @@ class SlotScheduler:
             if (fresh or extended) and padded > self.max_prefill_tokens:
                 break
             self._waiting.popleft()
-            request.slot = slot
+            request.slot, request.reused = slot, start
             free.remove(slot)
             if self._kept is not None:
                 self._kept.drop(slot)
@@ -373,7 +375,7 @@ class SlotScheduler:
             self._patches[request.slot] = None
             self._forget(request.request_id)
             self._keep(request)
-        outputs.append(StreamOutput(request.request_id, request.tokens, done))
+        outputs.append(StreamOutput(request.request_id, request.tokens, done, reused=request.reused))
 
     def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
         running, self._running = self._running, {}

@@ -76,6 +76,32 @@ def test_a_crashed_model_process_fails_the_turn_and_the_next_turn_restarts_it(pr
     assert chat_state(proc_server) == "ready"
 
 
+def test_a_next_turn_through_the_model_process_reuses_the_one_before(proc_server: LiveServer) -> None:
+    """The reused prompt tokens come back through the process transport: each reply's usage says
+    how many its model did not compute again, and /metrics counts them from the process's stats."""
+    token = proc_server.token("dave")
+
+    async def reply(c, sid: str, text: str) -> dict:  # noqa: ANN001 - stopped after a few frames (replies run long here)
+        eid = await c.send(type="turn.create", session_id=sid, text=text, skill="chat")
+        tid = (await c.until_type("turn.created", event_id=eid))["turn_id"]
+        for _ in range(3):
+            await c.until_type("response.delta", turn_id=tid, timeout=120)
+        await c.send(type="response.cancel", session_id=sid, turn_id=tid)
+        return await c.until_type("response.done", turn_id=tid)
+
+    async def go() -> list[dict]:
+        async with ws_client(proc_server, token) as c:
+            sid = await c.new_session()
+            return [await reply(c, sid, text) for text in ("Tell me about the sea.", "And the mountains?")]
+
+    first, second = asyncio.run(go())
+    assert first["usage"]["cached_prompt_tokens"] == 0
+    assert second["usage"]["cached_prompt_tokens"] >= first["usage"]["prompt_tokens"]
+    metrics = httpx.get(f"{proc_server.http}/metrics").text
+    reused = float(metrics.split('assistant_chat_prompt_tokens_total{source="reused"} ')[1].split()[0])
+    assert reused >= second["usage"]["cached_prompt_tokens"]
+
+
 class _Out:
     """An output as the library engine gives it: every token so far."""
 
@@ -115,7 +141,7 @@ class _Feed:
 
     def send(self, msg: tuple) -> None:
         if msg[1]:  # messages with tokens (stats-only ones go out when idle)
-            self.messages.put([(rid, new, done) for rid, new, done, _ in msg[1]])
+            self.messages.put([(rid, new, done) for rid, new, done, _, _ in msg[1]])
 
     def next(self, timeout: float = 5.0) -> list[tuple]:
         return self.messages.get(timeout=timeout)

@@ -392,12 +392,15 @@ def test_a_conversation_over_the_websocket_reuses_its_earlier_turns(tmp_path: Pa
     dones, tokens = conversation(True)
     prompts = [d["usage"]["prompt_tokens"] for d in dones]
     assert tokens["computed"] + tokens["reused"] == sum(prompts)
+    cached = [d["usage"]["cached_prompt_tokens"] for d in dones]  # each reply says what it reused
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:]) and sum(cached) == tokens["reused"]
     # The second and third turns reuse the turn before them, all but where its reply's text met the
     # next message (a random model's tokens need not come back as the same ids).
     assert tokens["reused"] >= prompts[0] + prompts[1]
     assert tokens["computed"] <= prompts[0] + 2 * (prompts[2] - prompts[1]) + 2 * 24
     plain, plain_tokens = conversation(False)
     assert plain_tokens == {"computed": sum(prompts), "reused": 0}
+    assert all(d["usage"]["cached_prompt_tokens"] == 0 for d in plain)
     assert [d["text"] for d in plain] == [d["text"] for d in dones], "reusing the slot changed the replies"
 
 
@@ -417,7 +420,9 @@ def test_a_conversation_longer_than_the_budget_still_reuses_most_turns(tmp_path:
                 for turn in range(20):
                     before = _prompt_tokens(live.http)["reused"]
                     _, done = await c.turn(sid, f"Message {turn}: what should we plan next for the team?")
-                    out.append((done["usage"]["prompt_tokens"], _prompt_tokens(live.http)["reused"] - before))
+                    reused = _prompt_tokens(live.http)["reused"] - before
+                    assert done["usage"]["cached_prompt_tokens"] == reused, turn
+                    out.append((done["usage"]["prompt_tokens"], reused))
             return out
 
         turns = asyncio.run(go())
