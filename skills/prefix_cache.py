@@ -47,9 +47,6 @@ class PrefixIndex:
         self._by_hash: dict[int, set[int]] = {}
         self._clock = 0
 
-    def __len__(self) -> int:
-        return len(self._slots)
-
     def __contains__(self, slot: int) -> bool:
         return slot in self._slots
 
@@ -68,8 +65,11 @@ class PrefixIndex:
         their ``chain``), the first ``prompt`` of them its request's prompt."""
         self.drop(slot)
         self._clock += 1
-        self._slots[slot] = _Kept(tokens, hashes, prompt, self._clock)
-        for h in hashes:
+        self._add(slot, _Kept(tokens, hashes, prompt, self._clock))
+
+    def _add(self, slot: int, kept: _Kept) -> None:
+        self._slots[slot] = kept
+        for h in kept.hashes:
             self._by_hash.setdefault(h, set()).add(slot)
 
     def drop(self, slot: int) -> None:
@@ -91,9 +91,7 @@ class PrefixIndex:
         self.drop(b)
         for slot, kept in ((b, ka), (a, kb)):
             if kept is not None:
-                self._slots[slot] = kept
-                for h in kept.hashes:
-                    self._by_hash.setdefault(h, set()).add(slot)
+                self._add(slot, kept)
 
     def clear(self) -> None:
         self._slots.clear()

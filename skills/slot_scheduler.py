@@ -222,42 +222,38 @@ class SlotScheduler:
             return
         free = [s for s in range(self.engine.slots) if s not in self._running]
         fresh: list[_Request] = []  # computed whole
-        extended: list[tuple[_Request, int]] = []  # (request, tokens its slot already holds)
+        extended: list[_Request] = []  # from the ``reused`` tokens their slots hold already
         copies: dict[int, int] = {}  # slot -> the slot whose first tokens it gets first
         engine = self.engine
         limit = min(len(free), engine.prefill_sizes[-1])
         while self._waiting and len(fresh) + len(extended) < limit:
             request = self._waiting[0]
-            slot, start, source = self._place(request, free)
-            if start == 0:
-                padded = self._padded([*fresh, request], extended)
+            slot, request.reused, source = self._place(request, free)
+            if request.reused:
+                padded = self._padded(fresh, [*extended, request])
             else:
-                padded = self._padded(fresh, [*extended, (request, start)])
+                padded = self._padded([*fresh, request], extended)
             if (fresh or extended) and padded > self.max_prefill_tokens:
                 break
             self._waiting.popleft()
-            request.slot, request.reused = slot, start
+            request.slot = slot
             free.remove(slot)
             if self._kept is not None:
                 self._kept.drop(slot)
             if source is not None:
                 copies[slot] = source
-            if start:
-                extended.append((request, start))
-            else:
-                fresh.append(request)
-        extends = [r for r, _ in extended]
+            (extended if request.reused else fresh).append(request)
 
         def extend(requests: list[_Request]) -> list[int]:
-            engine.copy(copies, max((s for r, s in extended if r.slot in copies), default=0))
-            return engine.extend([r.slot for r in requests], [r.prompt for r in requests], [s for _, s in extended])
+            engine.copy(copies, max((r.reused for r in requests if r.slot in copies), default=0))
+            return engine.extend([r.slot for r in requests], [r.prompt for r in requests], [r.reused for r in requests])
 
         def prefill(requests: list[_Request]) -> list[int]:
             return engine.prefill([r.slot for r in requests], [r.prompt for r in requests])
 
         # The extended first, and their first tokens out before a prefill of whole prompts runs: a
         # conversation's next turn does not wait for the new ones admitted with it.
-        groups = [(requests, run) for requests, run in ((extends, extend), (fresh, prefill)) if requests]
+        groups = [(requests, run) for requests, run in ((extended, extend), (fresh, prefill)) if requests]
         for i, (requests, run) in enumerate(groups):
             if i:
                 self._emit(outputs)
@@ -298,13 +294,13 @@ class SlotScheduler:
             return victim, start if victim == slot else 0, None
         return victim, start, None if victim == slot else slot
 
-    def _padded(self, fresh: list[_Request], extended: list[tuple[_Request, int]]) -> int:
+    def _padded(self, fresh: list[_Request], extended: list[_Request]) -> int:
         """Tokens a prefill of ``fresh`` and an extend of ``extended`` compute, padding included."""
         engine, padded = self.engine, 0
         if fresh:
             padded += bucket(len(fresh), engine.prefill_sizes) * bucket(max(len(r.prompt) for r in fresh), engine.prompt_lengths)
         if extended:
-            longest = max(len(r.prompt) - start for r, start in extended)
+            longest = max(len(r.prompt) - r.reused for r in extended)
             padded += bucket(len(extended), engine.extend_sizes) * bucket(longest, engine.prompt_lengths)
         return padded
 
