@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # keys and values, and only its new tokens are computed (skills/prefix_cache.py); off computes
     # every prompt whole.
     chat_prefix_reuse: bool = True
+    # Slot engine: a prompt with more than this many tokens to compute (a pasted document, a long
+    # follow-up) is computed in pieces of this many, a decode step for the replies already streaming
+    # between two, so they do not freeze while it is read, and prompts that arrive meanwhile start
+    # beside it (None: 256 on the CPU, 1,024 on a GPU; 0: whole, in one step).
+    chat_prefill_chunk: int | None = Field(default=None, ge=0)
     # Where the chat model runs: "process" (a child process: the batching loop never holds the web
     # process's GIL), "thread" (in the web process), or "auto" (process when an NVIDIA GPU is present).
     chat_worker: Literal["auto", "thread", "process"] = "auto"

@@ -15,6 +15,8 @@
 #          detecting the language (the server's default)              -> OUT/speech_rtf_gpu.json, speech_rtf_detect_gpu.json
 # followups: bench/followups.py, 8-turn conversations (1 and 64 at once), prefix reuse on and off
 #          (a line per session count: TTFT of the last turn, prompt tokens computed)   -> OUT/followups_gpu.json
+# longprompt: bench/long_prompt.py, a 2,000-token prompt sent while 64 replies stream, in pieces of 1,024
+#          (the GPU default) and whole: the streams' longest gap, both prompts' TTFT -> OUT/long_prompt_gpu.json
 # framecap: bench/frame_cap.py, 256 model-free paced streams, no cap and 4000 frames/s (the web process
 #          on this machine's CPU; no GPU work)                                   -> OUT/frame_cap_gpu_host.json
 set -uo pipefail
@@ -54,9 +56,12 @@ for stage in $STAGES; do
     followups) timeout 300 python3 bench/followups.py --shape qwen2.5-0.5b --device cuda --sessions 1 64 --rounds 1 \
                  --max-new 128 --out "$OUT_DIR/followups_gpu.json" | python3 -c "import json, sys
 for r in json.load(sys.stdin)['results']: print({k: v for k, v in r.items() if k != 'runs'})" || rc=1 ;;
+    longprompt) timeout 240 python3 bench/long_prompt.py --shape qwen2.5-0.5b --device cuda --streams 64 --chunk 1024 \
+                  --long-tokens 2000 --late-ms 2 --out "$OUT_DIR/long_prompt_gpu.json" | python3 -c "import json, sys
+for r in json.load(sys.stdin)['results']: print({k: v for k, v in r.items() if k != 'runs'})" || rc=1 ;;
     framecap) timeout 120 python3 bench/frame_cap.py --sessions 256 --caps 0 4000 --out "$OUT_DIR/frame_cap_gpu_host.json" \
                 2>&1 | grep "  cap" || rc=1 ;;
-    *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, speech, followups, framecap)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, profile, load, staggered, mixed, speech, followups, longprompt, framecap)"; exit 2 ;;
   esac
 done
 exit $rc

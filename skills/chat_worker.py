@@ -35,6 +35,13 @@ CPU_SLOTS = 16
 GPU_MAX_SLOTS = 256
 GPU_SLOT_MEMORY_SHARE = 0.3  # of the memory free after loading, at most, for the slots' KV cache
 GPU_MAX_PREFILL_TOKENS = 8192
+# Slot engine: a prompt with more to compute than this is computed in pieces of this many tokens, a
+# decode step for the running replies between two (bench/long_prompt.py). On the CPU a 2,048-token
+# prompt took SmolLM2-135M 5.2 s in one step, every other reply frozen meanwhile; a 256-token piece,
+# 0.5-0.8 s. On a GPU, 1,024 keeps the pieces of the longest prompts few, and every extend step
+# short enough to be captured at load.
+CPU_PREFILL_CHUNK = 256
+GPU_PREFILL_CHUNK = 1024
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 
 
@@ -57,6 +64,7 @@ class ChatWorkerOptions:
     context_tokens: int = 2048  # slot engine: prompt budget; a slot holds this plus max_new_tokens
     fused_forward: bool = True  # slot engine: Llama/Qwen2 layers in fewer kernels (skills/fused_decoder.py)
     prefix_reuse: bool = True  # slot engine: a conversation's next turn computes only its new tokens (skills/prefix_cache.py)
+    prefill_chunk: int | None = None  # slot engine: longer prompts are computed in pieces of this many tokens (None: by device; 0: whole)
     # Chat first on a shared GPU (skills/chat_first.py); handed to the model's process when spawned.
     chat_first: Any = field(default=None, compare=False, repr=False)
 
@@ -158,6 +166,7 @@ class ChatWorker:
             slots = max(1, min(GPU_MAX_SLOTS, int(free * GPU_SLOT_MEMORY_SHARE) // slot_bytes(model, max_len)))
         engine = None
         prefill_budget = GPU_MAX_PREFILL_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS
+        chunk = opts.prefill_chunk if opts.prefill_chunk is not None else GPU_PREFILL_CHUNK if on_gpu else CPU_PREFILL_CHUNK
         try:
             engine = SlotEngine(
                 model, slots=slots or CPU_SLOTS, max_len=max_len,
@@ -166,7 +175,7 @@ class ChatWorker:
             )
             why = engine.check(tokenizer(PROBE_TEXT)["input_ids"][:32])
             if why is None:
-                engine.warm(prefill_budget)
+                engine.warm(prefill_budget, chunk)
         except Exception as exc:  # noqa: BLE001 - a model the engine cannot drive at all
             log.warning("the slot engine failed on chat model %s", opts.model, exc_info=True)
             why = f"{type(exc).__name__}: {exc}"
@@ -183,7 +192,7 @@ class ChatWorker:
         first = opts.chat_first
         scheduler = SlotScheduler(
             engine, max_prefill_tokens=prefill_budget, on_step=self._count_step, on_waiting=first.set if first else None,
-            prefix_reuse=opts.prefix_reuse,
+            prefix_reuse=opts.prefix_reuse, chunk_tokens=chunk,
         )  # fmt: skip
         scheduler.start()
         self.engine = "slots"

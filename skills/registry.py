@@ -60,6 +60,7 @@ def build_skills(settings: Settings) -> dict[str, Skill]:
             context_tokens=settings.chat_context_tokens,
             fused_forward=settings.chat_fused_forward,
             prefix_reuse=settings.chat_prefix_reuse,
+            prefill_chunk=settings.chat_prefill_chunk,
             chat_first=first,
         ),
         system_prompt=settings.chat_system_prompt or None,

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BATCH = (1, 2, 4, 8, 16, 32, 64)  # prompts prefilled together (within the token budget)
 EXTEND_BATCH = (1, 4, 16)  # prompts extended together, then PREFILL_BATCH's largest (fewer graphs: a context each)
-EXTEND_WARM_LENGTH = 256  # extend steps of up to this many new tokens are captured at load; longer ones when first run
+# Extend steps of up to this many new tokens (or the scheduler's piece size, if larger) are captured
+# at load; longer ones, only without pieces, when first run.
+EXTEND_WARM_LENGTH = 256
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16
 CHECK_AGREEMENT = 0.75  # share of the probe's tokens graph replay must predict as eager steps did
@@ -265,14 +267,18 @@ class SlotEngine:
         self._pack(batch, length, rows, prompts, [0] * len(prompts))
         return self._run(("prefill", batch, length), lambda: self._prefill_fn(batch, length))[: len(prompts)].tolist()
 
-    def extend(self, rows: list[int], prompts: list[list[int]], starts: list[int]) -> list[int]:
+    def extend(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int], *, reused: list[int] | None = None
+    ) -> list[int]:
         """``prefill`` for prompts whose first ``starts[i]`` tokens' keys and values slot
         ``rows[i]`` already holds (0 < start < len(prompt)): only the rest is computed. Returns
-        each prompt's first new token."""
+        each prompt's first new token. ``reused``: of the starts, the tokens read from an earlier
+        turn (all of them, if None; a later piece of a prompt computed in pieces reuses none)."""
         batch = bucket(len(prompts), self.extend_sizes)
         length = bucket(max(len(p) - s for p, s in zip(prompts, starts)), self.prompt_lengths)
         context = bucket(max(map(len, prompts)), self.contexts)
         self._pack(batch, length, rows, prompts, starts)
+        self.prompt_tokens[1] += sum(starts if reused is None else reused)
         tokens = self._run(("extend", batch, length, context), lambda: self._prefill_fn(batch, length, context))
         return tokens[: len(prompts)].tolist()
 
@@ -288,7 +294,6 @@ class SlotEngine:
         self._p_in[:batch, : 3 + 2 * length].copy_(self.torch.tensor(host, dtype=self.torch.long))
         self.steps += 1
         self.prompt_tokens[0] += sum(len(p) - s for p, s in zip(prompts, starts))
-        self.prompt_tokens[1] += sum(starts)
 
     def reset(self) -> None:
         """Every slot idle."""
@@ -375,17 +380,22 @@ class SlotEngine:
         tokens = self.launch(batch, context).tokens()
         return {slot: tokens[slot] for slot in rows}
 
-    def warm(self, max_prefill_tokens: int | None = None) -> int:
+    def warm(self, max_prefill_tokens: int | None = None, chunk_tokens: int = 0) -> int:
         """Capture, ahead of the first request, every step the scheduler can ask for: a decode step
         for each (batch, context) bucket and a prefill for each (batch, prompt length) bucket it
         admits (one prompt of any length; groups within ``max_prefill_tokens`` padded). A capture
         while serving stalls every running reply for a few eager steps; at load it costs start-up
         time instead. Extend steps are captured for each context and batch bucket up to
-        ``EXTEND_WARM_LENGTH`` new tokens (a new message and the reply's last tokens); a longer
-        one is captured when first run. Returns how many graphs were captured."""
+        ``EXTEND_WARM_LENGTH`` new tokens (a new message and the reply's last tokens). With
+        ``chunk_tokens`` (the scheduler computes longer prompts in pieces of that many), no step
+        is longer than its bucket, so prefills stop there and extends go up to it: none is left to
+        capture while serving. Without, a longer extend is captured when first run. Returns how
+        many graphs were captured."""
         if not self.graphs.on:
             return 0
         started, before = time.perf_counter(), len(self.graphs.keys())
+        piece = bucket(chunk_tokens, self.prompt_lengths) if chunk_tokens else self.prompt_lengths[-1]
+        extend_max = piece if chunk_tokens else EXTEND_WARM_LENGTH
         for context in self.contexts:
             for batch in self.batch_sizes:
                 self.decode({batch - 1: (0, context - 1)})
@@ -395,12 +405,12 @@ class SlotEngine:
 
         for batch in self.prefill_sizes:
             for length in self.prompt_lengths:
-                if admitted(batch, length):
+                if admitted(batch, length) and length <= piece:
                     self.prefill(list(range(batch)), [[0] * length] * batch)
         for context in self.contexts:
             for batch in self.extend_sizes:
                 for length in self.prompt_lengths:
-                    if admitted(batch, length) and length <= min(EXTEND_WARM_LENGTH, context):
+                    if admitted(batch, length) and length <= min(extend_max, context):
                         self.extend(list(range(batch)), [[0] * context] * batch, [context - length] * batch)
         self.reset()
         self.prompt_tokens = [0, 0]

@@ -5,7 +5,9 @@ One generation thread owns the engine. Each turn of its loop: apply the queued a
 prefill the oldest waiting prompts into free slots (as many as fit ``max_prefill_tokens`` padded;
 a prompt that continues the conversation a free slot still holds goes into that slot, and only
 its new tokens are computed; a new one that starts as another slot does gets those rows copied:
-``skills/prefix_cache.py``),
+``skills/prefix_cache.py``; a prompt with more than ``chunk_tokens`` to compute is computed that
+many tokens a turn, so the replies already running get a token between its pieces and prompts
+that arrive meanwhile are admitted beside them instead of waiting for all of it),
 queue one decode step for every busy slot, then read the tokens of the step queued the turn before
 (one step in flight: on a GPU the host's work overlaps the next step; a request that finished or
 was cancelled meanwhile has one token computed for nothing, which is dropped). Outputs go to a handler registered from an event
@@ -71,6 +73,10 @@ class _Request:
     pending: int = 0  # decode steps launched for it whose tokens are not read yet
     hashes: list[int] | None = None  # its prompt's block hashes (skills/prefix_cache.py), once looked up
     reused: int = 0  # prompt tokens its slot held already, not computed
+    held: int = 0  # prompt tokens its slot holds so far: the reused ones, then each piece computed
+
+
+_Piece = tuple[_Request, int]  # a request and where this step's piece of its prompt ends
 
 
 class SlotScheduler:
@@ -82,9 +88,13 @@ class SlotScheduler:
         on_step: Callable[[int], None] | None = None,
         on_waiting: Callable[[bool], None] | None = None,
         prefix_reuse: bool = True,
+        chunk_tokens: int = 0,
     ) -> None:
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
+        # A prompt with more than this many tokens to compute is computed in pieces of this many, a
+        # piece a turn of the loop (0: whole, in one step however long).
+        self.chunk_tokens = chunk_tokens
         # What free slots still hold of the requests that left them; None: every prompt is computed whole.
         self._kept: PrefixIndex | None = PrefixIndex() if prefix_reuse else None
         self._on_step = on_step or (lambda n: None)
@@ -97,6 +107,7 @@ class SlotScheduler:
         self._thread: threading.Thread | None = None
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # slot -> request
+        self._partial: dict[int, _Request] = {}  # slot -> a request whose prompt is computed in pieces, not all yet
         self._patches: dict[int, tuple[int, int] | None] = {}  # slot -> its new decode input, or None: idle
         self._inflight: tuple[Any, dict[int, _Request]] | None = None  # a launched step not read yet
         self._known: set[str] = set()  # waiting or running, as the event loop sees it
@@ -155,7 +166,7 @@ class SlotScheduler:
         return self._ready.popleft()
 
     def kv_free_fraction(self) -> float:
-        return 1.0 - len(self._running) / self.engine.slots
+        return 1.0 - (len(self._running) + len(self._partial)) / self.engine.slots
 
     def active_request_ids(self) -> set[str]:
         with self._lock:
@@ -167,7 +178,7 @@ class SlotScheduler:
         while not self._stop.is_set():
             self._apply_commands()
             self._tell_waiting()
-            if not self._waiting and not self._running and self._inflight is None:
+            if not self._waiting and not self._running and not self._partial and self._inflight is None:
                 self._wake.wait()
                 self._wake.clear()
                 continue
@@ -192,7 +203,7 @@ class SlotScheduler:
             self._on_waiting(False)
 
     def _tell_waiting(self) -> None:
-        waiting = bool(self._waiting) and len(self._running) < self.engine.slots
+        waiting = bool(self._partial) or (bool(self._waiting) and len(self._running) < self.engine.slots)
         if waiting != self._told_waiting:
             self._told_waiting = waiting
             self._on_waiting(waiting)
@@ -214,25 +225,37 @@ class SlotScheduler:
                     del self._running[slot]
                     self._patches[slot] = None
                     self._keep(request)
+            for slot, request in list(self._partial.items()):
+                if request.request_id == arg:  # stopped between pieces: its slot keeps what they computed
+                    del self._partial[slot]
+                    self._keep(request)
             self._forget(arg)
             self._dropped.discard(arg)
 
     def _prefill(self, outputs: list[StreamOutput]) -> None:
-        if not self._waiting or len(self._running) == self.engine.slots:
-            return
-        free = [s for s in range(self.engine.slots) if s not in self._running]
-        fresh: list[_Request] = []  # computed whole
-        extended: list[_Request] = []  # from the ``reused`` tokens their slots hold already
-        copies: dict[int, int] = {}  # slot -> the slot whose first tokens it gets first
         engine = self.engine
-        limit = min(len(free), engine.prefill_sizes[-1])
-        while self._waiting and len(fresh) + len(extended) < limit:
+        if not self._partial and (not self._waiting or len(self._running) == engine.slots):
+            return
+        free = [s for s in range(engine.slots) if s not in self._running and s not in self._partial]
+        fresh: list[_Piece] = []  # computed from the prompt's first token
+        extended: list[_Piece] = []  # from the ``held`` tokens their slots hold already
+        copies: dict[int, int] = {}  # slot -> the slot whose first tokens it gets first
+        limit = engine.prefill_sizes[-1]
+        # Prompts computed in pieces go on first: they were admitted before any still waiting.
+        for request in self._partial.values():
+            piece = (request, self._piece_end(request))
+            if extended and (len(extended) == limit or self._padded(fresh, [*extended, piece]) > self.max_prefill_tokens):
+                break
+            extended.append(piece)
+        while self._waiting and free and len(fresh) + len(extended) < limit:
             request = self._waiting[0]
             slot, request.reused, source = self._place(request, free)
-            if request.reused:
-                padded = self._padded(fresh, [*extended, request])
+            request.held = request.reused
+            piece = (request, self._piece_end(request))
+            if request.held:
+                padded = self._padded(fresh, [*extended, piece])
             else:
-                padded = self._padded([*fresh, request], extended)
+                padded = self._padded([*fresh, piece], extended)
             if (fresh or extended) and padded > self.max_prefill_tokens:
                 break
             self._waiting.popleft()
@@ -242,37 +265,53 @@ class SlotScheduler:
                 self._kept.drop(slot)
             if source is not None:
                 copies[slot] = source
-            (extended if request.reused else fresh).append(request)
+            (extended if request.held else fresh).append(piece)
 
-        def extend(requests: list[_Request]) -> list[int]:
-            engine.copy(copies, max((r.reused for r in requests if r.slot in copies), default=0))
-            return engine.extend([r.slot for r in requests], [r.prompt for r in requests], [r.reused for r in requests])
+        def extend(pieces: list[_Piece]) -> list[int]:
+            engine.copy(copies, max((r.reused for r, _ in pieces if r.slot in copies), default=0))
+            return engine.extend(
+                [r.slot for r, _ in pieces], [r.prompt[:end] for r, end in pieces], [r.held for r, _ in pieces],
+                reused=[r.reused if r.held == r.reused else 0 for r, _ in pieces],  # counted with a request's first piece
+            )
 
-        def prefill(requests: list[_Request]) -> list[int]:
-            return engine.prefill([r.slot for r in requests], [r.prompt for r in requests])
+        def prefill(pieces: list[_Piece]) -> list[int]:
+            return engine.prefill([r.slot for r, _ in pieces], [r.prompt[:end] for r, end in pieces])
 
         # The extended first, and their first tokens out before a prefill of whole prompts runs: a
         # conversation's next turn does not wait for the new ones admitted with it.
-        groups = [(requests, run) for requests, run in ((extended, extend), (fresh, prefill)) if requests]
-        for i, (requests, run) in enumerate(groups):
+        groups = [(pieces, run) for pieces, run in ((extended, extend), (fresh, prefill)) if pieces]
+        for i, (pieces, run) in enumerate(groups):
             if i:
                 self._emit(outputs)
                 outputs.clear()
             try:
-                firsts = run(requests)
-                if len(firsts) != len(requests):
-                    raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(requests)} prompts")
+                firsts = run(pieces)
+                if len(firsts) != len(pieces):
+                    raise RuntimeError(f"prefill returned {len(firsts)} first tokens for {len(pieces)} prompts")
             except Exception as exc:  # noqa: BLE001 - these prompts fail; the running requests go on
                 log.exception("chat prefill failed")
-                for request in requests:
+                for request, _ in pieces:
+                    self._partial.pop(request.slot, None)
                     self._forget(request.request_id)
                     outputs.append(StreamOutput(request.request_id, [], True, f"{type(exc).__name__}: {exc}"))
                 continue
-            self._on_step(len(requests))
-            for request, token in zip(requests, firsts):
+            self._on_step(len(pieces))
+            for (request, end), token in zip(pieces, firsts):
+                request.held = end
+                if end < len(request.prompt):  # a piece: the token after it is the prompt's own, not the reply's
+                    self._partial[request.slot] = request
+                    continue
+                self._partial.pop(request.slot, None)
                 self._running[request.slot] = request
                 self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
                 self._advance(request, token, outputs)
+
+    def _piece_end(self, request: _Request) -> int:
+        """Where this step's piece of ``request``'s prompt ends: the prompt's end, or ``chunk_tokens``
+        on from what its slot holds when more than that is left to compute."""
+        if self.chunk_tokens and len(request.prompt) - request.held > self.chunk_tokens:
+            return request.held + self.chunk_tokens
+        return len(request.prompt)
 
     def _place(self, request: _Request, free: list[int]) -> tuple[int, int, int | None]:
         """The free slot ``request`` goes to, how many of its prompt's tokens that slot will hold
@@ -294,23 +333,28 @@ class SlotScheduler:
             return victim, start if victim == slot else 0, None
         return victim, start, None if victim == slot else slot
 
-    def _padded(self, fresh: list[_Request], extended: list[_Request]) -> int:
+    def _padded(self, fresh: list[_Piece], extended: list[_Piece]) -> int:
         """Tokens a prefill of ``fresh`` and an extend of ``extended`` compute, padding included."""
         engine, padded = self.engine, 0
         if fresh:
-            padded += bucket(len(fresh), engine.prefill_sizes) * bucket(max(len(r.prompt) for r in fresh), engine.prompt_lengths)
+            padded += bucket(len(fresh), engine.prefill_sizes) * bucket(max(end for _, end in fresh), engine.prompt_lengths)
         if extended:
-            longest = max(len(r.prompt) - r.reused for r in extended)
+            longest = max(end - r.held for r, end in extended)
             padded += bucket(len(extended), engine.extend_sizes) * bucket(longest, engine.prompt_lengths)
         return padded
 
     def _keep(self, request: _Request) -> None:
         """``request`` left its slot: record what the slot's rows hold of it (its prompt and the
-        tokens fed back before its last; a step still in flight writes only beyond them)."""
+        tokens fed back before its last, a step still in flight writes only beyond them; or, when
+        it stopped between the pieces of its prompt, the part they computed)."""
         if self._kept is None or request.hashes is None:
             return
-        tokens = request.prompt + request.tokens[:-1]
-        self._kept.keep(request.slot, tokens, chain(tokens, request.hashes), len(request.prompt))
+        if request.tokens:
+            tokens, prompt = request.prompt + request.tokens[:-1], len(request.prompt)
+        else:
+            tokens = request.prompt[: request.held]
+            prompt = len(tokens)
+        self._kept.keep(request.slot, tokens, chain(tokens, request.hashes[: len(tokens) // BLOCK]), prompt)
 
     def _launch(self) -> tuple[Any, dict[int, _Request]] | None:
         """Queue a decode step for every busy slot (the device already holds each one's next input;
@@ -336,8 +380,10 @@ class SlotScheduler:
         width = bucket(len(self._running), self.engine.batch_sizes)
         if max(self._running) < width:
             return
-        free = [s for s in range(width) if s not in self._running]
+        free = [s for s in range(width) if s not in self._running and s not in self._partial]
         moves = dict(zip((s for s in sorted(self._running) if s >= width), free))
+        if not moves:  # the free slots below are taken by prompts computed in pieces
+            return
         # The columns that hold anything: each moved request's (a step in flight included) and what
         # the free slots it swaps with hold of their last requests.
         columns = max(len(self._running[s].prompt) + len(self._running[s].tokens) + self._running[s].pending + 1 for s in moves)
@@ -374,7 +420,9 @@ class SlotScheduler:
         outputs.append(StreamOutput(request.request_id, request.tokens, done, reused=request.reused))
 
     def _fail_running(self, error: str, outputs: list[StreamOutput]) -> None:
-        running, self._running = self._running, {}
+        # A prompt computed in pieces fails too: what its slot holds is not known after a reset.
+        running, self._running = {**self._running, **self._partial}, {}
+        self._partial = {}
         self._inflight, self._patches = None, {}
         if self._kept is not None:  # what the device holds is not known now
             self._kept.clear()

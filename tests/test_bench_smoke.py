@@ -128,3 +128,21 @@ def test_followups_bench_reuses_each_conversations_earlier_turns(tmp_path: Path)
     for with_reuse, without in zip(runs[True], runs[False]):
         assert with_reuse["computed"] + with_reuse["reused"] == without["computed"]
     assert result["prompt_tokens_computed"]["reuse"] < result["prompt_tokens_computed"]["no_reuse"]
+
+
+def test_long_prompt_bench_streams_between_the_pieces_of_a_long_prompt(tmp_path: Path) -> None:
+    """bench/long_prompt.py, briefly: the same replies whole and in pieces; in pieces the streaming
+    replies get a token per piece while the long prompt is read, whole about one (counts, not speed)."""
+    out = tmp_path / "long_prompt.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/long_prompt.py", "--shape", "tiny", "--streams", "2", "--long-tokens", "300",
+         "--chunk", "32", "--context", "512", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["replies_same"] and result["streams"] == 2
+    runs = {run["chunk"]: run for run in result["runs"]}
+    pieces = -(-runs[32]["long_prompt_tokens"] // 32)
+    assert runs[32]["stream_tokens_while_read"]["min"] >= pieces - 2, runs[32]
+    assert runs[0]["stream_tokens_while_read"]["min"] <= 2, runs[0]

@@ -311,9 +311,9 @@ def test_a_burst_of_follow_ups_is_extended_together(model_dir: Path, generate) -
         calls: list[int] = []
         extend = engine.extend
 
-        def counted(rows: list[int], prompts: list[list[int]], starts: list[int]) -> list[int]:
+        def counted(rows: list[int], prompts: list[list[int]], starts: list[int], **kw: object) -> list[int]:
             calls.append(len(prompts))
-            return extend(rows, prompts, starts)
+            return extend(rows, prompts, starts, **kw)
 
         engine.extend = counted
         seconds = [p + r + NEW for p, r in zip(firsts, replies)]

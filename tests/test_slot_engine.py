@@ -396,17 +396,20 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(wide_model: P
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu.sh runs this)")
 def test_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(wide_model: Path, reference: dict) -> None:
+    """Prompts of more than 16 tokens to compute go in pieces of 16 (``prefill_chunk``), and every
+    step they take was captured at load."""
     outputs = {}
     for graphs in (False, True):
         worker = ChatWorker(
             ChatWorkerOptions(
                 model=str(wide_model), device="cuda", dtype="float32", max_new_tokens=64, context_tokens=256,
-                engine="slots", slots=4, cuda_graphs=graphs,
+                engine="slots", slots=4, cuda_graphs=graphs, prefill_chunk=16,
             )
         )
         worker.load()
         try:
             assert worker._manager.engine.graphs.on is graphs
+            warmed = len(worker._manager.engine.graphs.keys())
             for name in ("short", "long", "mid", "late"):
                 worker._manager.add_request(input_ids=PROMPTS[name], request_id=name, max_new_tokens=MAX_NEW[name])
             results: dict = {}
@@ -419,6 +422,7 @@ def test_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(wide_model
             if graphs:
                 keys = worker._manager.engine.graphs.keys()
                 assert {"decode", "prefill", "extend"} <= {key[0] for key in keys}, keys
+                assert len(keys) == warmed, "a step was first captured while serving"
         finally:
             worker.close()
         outputs[graphs] = {name: tokens for name, (tokens, _) in results.items()}
