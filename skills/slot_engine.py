@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_BATCH = (1, 2, 4, 8, 16, 32, 64)  # prompts prefilled together (within the token budget)
 EXTEND_BATCH = (1, 4, 16)  # prompts extended together, then PREFILL_BATCH's largest (fewer graphs: a context each)
-# Extend steps of up to this many new tokens (or the scheduler's piece size, if larger) are captured
-# at load; longer ones, only without pieces, when first run.
+# Without pieces (the scheduler's chunk_tokens), extend steps of up to this many new tokens are
+# captured at load and longer ones when first run; with pieces, every one up to the piece size.
 EXTEND_WARM_LENGTH = 256
 MIN_CONTEXT_BUCKET = 256
 MIN_PROMPT_BUCKET = 16

@@ -104,6 +104,8 @@ def test_a_reply_already_streaming_keeps_streaming_while_a_long_prompt_is_read(
 
 @pytest.mark.parametrize("chunk", [CHUNK, 0], ids=["pieces", "whole"])
 def test_a_prompt_sent_while_a_long_one_is_read_starts_before_it_ends(model_dir: Path, generate, chunk: int) -> None:  # noqa: ANN001
+    """A short prompt sent just after a 200-token one: in pieces, it goes in beside one of the long
+    prompt's pieces and its first token comes first; whole, it waits for the long prompt's step."""
     worker = load(model_dir, slots=4, prefill_chunk=chunk)
     manager = worker._manager
     try:

@@ -59,6 +59,50 @@ def test_the_slot_engine_generates_what_generate_does_with_real_weights(offline_
     assert "Paris" in worker.tokenizer.decode(got["q0"])
 
 
+def test_a_long_prompt_computed_in_pieces_gives_what_generate_does_with_real_weights(offline_models: Path) -> None:
+    """A pasted text of about 600 tokens and a question, computed in pieces of 128 tokens
+    (``prefill_chunk``): the reply is ``generate``'s over the whole prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = offline_models / OFFLINE_MODELS["chat"].folder
+    worker = ChatWorker(ChatWorkerOptions(model=str(folder), device="cpu", max_new_tokens=24, engine="slots", slots=2,
+                                          prefill_chunk=128))  # fmt: skip
+    worker.load()
+    notes = " ".join(
+        f"Day {d}: the team met at nine, reviewed the release checklist, fixed two bugs in billing and planned the "
+        "next sprint." for d in range(1, 21)
+    )
+    chat = [{"role": "user", "content": f"{notes}\n\nOn which days did the team meet? Answer briefly."}]
+    prompt = worker.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"]) if not isinstance(prompt, list) else prompt
+    assert len(prompt) > 4 * 128
+    engine, starts = worker._manager.engine, []
+    extend = engine.extend
+
+    def counted(rows: list[int], prompts: list[list[int]], begin: list[int], **kw: object) -> list[int]:
+        starts.extend(begin)
+        return extend(rows, prompts, begin, **kw)
+
+    engine.extend = counted
+    try:
+        worker._manager.add_request(input_ids=prompt, request_id="long", max_new_tokens=24, eos_token_id=worker.eos_token_ids)
+        deadline = time.monotonic() + 120
+        while (out := worker._manager.get_result(timeout=0.1)) is None or not out.is_finished():
+            assert time.monotonic() < deadline
+        assert out.error is None
+        got = list(out.generated_tokens)
+    finally:
+        worker.close()
+    assert starts == list(range(128, len(prompt), 128))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    want = model.generate(
+        torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=worker.eos_token_ids,
+        pad_token_id=worker.eos_token_ids[0],
+    )[0, len(prompt) :].tolist()
+    assert got == want, (worker.tokenizer.decode(got), worker.tokenizer.decode(want))
+
+
 def test_three_turn_conversation_with_sensible_answers(real_server: LiveServer) -> None:
     token = real_server.token("alice")
 
