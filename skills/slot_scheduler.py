@@ -236,7 +236,7 @@ class SlotScheduler:
         engine = self.engine
         if not self._partial and (not self._waiting or len(self._running) == engine.slots):
             return
-        free = [s for s in range(engine.slots) if s not in self._running and s not in self._partial]
+        free = self._free_below(engine.slots)
         fresh: list[_Piece] = []  # computed from the prompt's first token
         extended: list[_Piece] = []  # from the ``held`` tokens their slots hold already
         copies: dict[int, int] = {}  # slot -> the slot whose first tokens it gets first
@@ -305,6 +305,10 @@ class SlotScheduler:
                 self._running[request.slot] = request
                 self._patches[request.slot] = (token, len(request.prompt))  # decode from the first token on
                 self._advance(request, token, outputs)
+
+    def _free_below(self, n: int) -> list[int]:
+        """The slots under ``n`` that neither a running request nor a prompt computed in pieces holds."""
+        return [s for s in range(n) if s not in self._running and s not in self._partial]
 
     def _piece_end(self, request: _Request) -> int:
         """Where this step's piece of ``request``'s prompt ends: the prompt's end, or ``chunk_tokens``
@@ -380,7 +384,7 @@ class SlotScheduler:
         width = bucket(len(self._running), self.engine.batch_sizes)
         if max(self._running) < width:
             return
-        free = [s for s in range(width) if s not in self._running and s not in self._partial]
+        free = self._free_below(width)
         moves = dict(zip((s for s in sorted(self._running) if s >= width), free))
         if not moves:  # the free slots below are taken by prompts computed in pieces
             return

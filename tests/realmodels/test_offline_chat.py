@@ -11,6 +11,7 @@ import httpx
 from skills.chat_worker import ChatWorker, ChatWorkerOptions
 from skills.offline.prepare import OFFLINE_MODELS
 from tests.conftest import LiveServer, ws_client
+from tests.test_prefill_chunks import pieces
 
 
 
@@ -77,14 +78,7 @@ def test_a_long_prompt_computed_in_pieces_gives_what_generate_does_with_real_wei
     prompt = worker.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"]) if not isinstance(prompt, list) else prompt
     assert len(prompt) > 4 * 128
-    engine, starts = worker._manager.engine, []
-    extend = engine.extend
-
-    def counted(rows: list[int], prompts: list[list[int]], begin: list[int], **kw: object) -> list[int]:
-        starts.extend(begin)
-        return extend(rows, prompts, begin, **kw)
-
-    engine.extend = counted
+    calls = pieces(worker._manager.engine)
     try:
         worker._manager.add_request(input_ids=prompt, request_id="long", max_new_tokens=24, eos_token_id=worker.eos_token_ids)
         deadline = time.monotonic() + 120
@@ -94,7 +88,7 @@ def test_a_long_prompt_computed_in_pieces_gives_what_generate_does_with_real_wei
         got = list(out.generated_tokens)
     finally:
         worker.close()
-    assert starts == list(range(128, len(prompt), 128))
+    assert calls == [("prefill", 0, 128)] + [("extend", s, min(s + 128, len(prompt))) for s in range(128, len(prompt), 128)]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     want = model.generate(
         torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=worker.eos_token_ids,
